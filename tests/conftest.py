@@ -1,0 +1,37 @@
+"""Shared fixtures: real data from ../shared/data and one local Ray for the whole session."""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vitbirds.paths import shared_data_dir
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-photo datasets; tests that need them skip where they are absent."""
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip(
+            "shared data not found: set VITBIRDS_DATA or place ../shared/data beside the repo"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray per test session: starting Ray costs 10-40 s on a 2-core machine."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    yield
+    ray.shutdown()

@@ -1,0 +1,70 @@
+"""Our ViT computes exactly timm's VisionTransformer, and loads its weights (`--init-from`)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vitbirds.config import ModelConfig
+from vitbirds.errors import ModelFileError, UnsafeModelFileError
+from vitbirds.model import VisionTransformer
+from vitbirds.pretrained import init_from_timm
+
+timm = pytest.importorskip("timm")
+
+
+def _timm_model(config: ModelConfig) -> torch.nn.Module:
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.dim,
+        depth=config.depth,
+        num_heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        num_classes=config.num_classes,
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(image_size=32, patch_size=8, dim=64, depth=2, heads=4, num_classes=7),
+        ModelConfig(image_size=64, patch_size=16, dim=96, depth=3, heads=3, num_classes=10),
+        ModelConfig(image_size=48, patch_size=8, dim=72, depth=2, heads=6, mlp_ratio=2.0),
+    ],
+    ids=["32px-p8", "64px-p16", "48px-mlp2"],
+)
+def test_timm_state_dict_loads_and_gives_the_same_logits(config: ModelConfig) -> None:
+    reference = _timm_model(config)
+    ours = VisionTransformer(config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(4, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-4)
+        assert torch.allclose(ours.forward_with_attention(x)[0], reference(x), atol=1e-4)
+
+
+def test_init_from_timm_file_resizes_position_embedding_and_replaces_head(tmp_path) -> None:
+    source = ModelConfig(image_size=32, patch_size=8, dim=64, depth=2, heads=4, num_classes=1000)
+    reference = _timm_model(source)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    target = VisionTransformer(
+        ModelConfig(image_size=48, patch_size=8, dim=64, depth=2, heads=4, num_classes=6)
+    )
+    init_from_timm(target, path)
+    assert torch.equal(target.blocks[1].attn.qkv.weight, reference.blocks[1].attn.qkv.weight)
+    assert target.pos_embed.shape == (1, 37, 64)
+    assert target.head.weight.shape == (6, 64)
+
+
+def test_init_from_refuses_pickles_and_wrong_shapes(tmp_path) -> None:
+    pickled = tmp_path / "vit.pth"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    model = VisionTransformer(ModelConfig(image_size=32, patch_size=8, dim=64, depth=2, heads=4))
+    with pytest.raises(UnsafeModelFileError, match="arbitrary code"):
+        init_from_timm(model, pickled)
+    other = _timm_model(ModelConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=4))
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, path)
+    with pytest.raises(ModelFileError, match="do not fit this model config"):
+        init_from_timm(model, path)

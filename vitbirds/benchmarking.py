@@ -1,0 +1,45 @@
+"""The one JSON line every `jobs/bench_*.py` prints last, so results are machine-readable."""
+
+import json
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def target(name: str, value: float, goal: float, op: str = ">=") -> dict[str, Any]:
+    met = value >= goal if op == ">=" else value <= goal
+    return {"name": name, "value": round(value, 4), "goal": goal, "op": op, "met": bool(met)}
+
+
+def report(bench: str, results: dict[str, Any], targets: list[dict[str, Any]],
+           device: str = "cpu") -> str:  # fmt: skip
+    """Prints and returns the closing JSON line."""
+    line = json.dumps(
+        {"bench": bench, "machine": machine_info(device), "results": results, "targets": targets}
+    )
+    print(line, flush=True)
+    return line

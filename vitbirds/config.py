@@ -1,0 +1,134 @@
+"""One dataclass per concern: the model, the data pipeline, the training loop.
+
+Defaults run on a 2-core CPU; bigger setups are named presets in `vitbirds.presets`. The CLIs map
+flags onto these fields and never repeat a default.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Self
+
+from vitbirds.errors import ConfigError
+
+
+class _DictMixin:
+    """Round-trips a dataclass through plain JSON-able dicts, refusing unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class ModelConfig(_DictMixin):
+    """Shape of the Vision Transformer (Dosovitskiy et al. 2020) and its small-data options."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    num_classes: int = 6
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # on embeddings and MLP/projection outputs
+    attn_dropout: float = 0.0
+    drop_path: float = 0.1  # stochastic depth, linearly increasing to this rate in the last block
+    # Lee et al. 2021, "Vision Transformer for Small-Size Datasets":
+    shifted_patches: bool = False  # shifted patch tokenization (SPT)
+    locality_attention: bool = False  # learnable temperature + masked self-tokens (LSA)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the values that cannot build a model."""
+        positive = ("image_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.dim % self.heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig(_DictMixin):
+    """Which images, how many, and how they are augmented."""
+
+    data_dir: str | None = None  # None: the generated synthetic dataset
+    image_size: int = 64
+    num_classes: int | None = None  # a seeded, stratified subset of classes
+    images_per_class: int | None = None
+    seed: int = 0
+    valid_fraction: float = 0.2  # only for datasets that ship without a valid split
+    decode_scale: float = 1.15  # decode once at image_size * decode_scale (short side)
+    color_jitter: float = 0.2
+    randaugment: bool = False
+    trivialaugment: bool = False
+    random_erasing: float = 0.0  # probability
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
+    cutmix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ConfigError(f"image_size must be positive, got {self.image_size}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        for name in ("num_classes", "images_per_class"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.randaugment and self.trivialaugment:
+            raise ConfigError("choose one of randaugment and trivialaugment, not both")
+
+
+@dataclass
+class TrainConfig(_DictMixin):
+    """The one training loop: AdamW, warmup + cosine, clipping, label smoothing."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float | None = None  # exponential moving average of weights, evaluated if set
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    loader_workers: int = 0  # decoded images are cached in memory, so 0 is usually fastest
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")

@@ -1,0 +1,151 @@
+"""The prediction log: what Serve predicted, and the true labels users sent back.
+
+Serve appends one JSON object per line (JSON Lines, UTF-8); the monitoring job reads the file to
+watch the confidence, class mix and embedding drift of live traffic. Two kinds of line:
+
+    {"kind": "prediction", "time": "2025-01-31T12:00:00.123456+00:00", "request_id": "3f2a...",
+     "model_name": "vitbirds", "model_version": "2025-01-30T10:00:00+00:00", "endpoint": "predict",
+     "label": "Barn_Swallow", "confidence": 0.91,
+     "top_k": [{"label": "Barn_Swallow", "index": 7, "probability": 0.91}, ...],
+     "embedding": [0.12, -0.40, ...]}        # EMBEDDING_DIM floats, see `EmbeddingProjector`
+    {"kind": "feedback", "time": "...", "request_id": "3f2a...", "label": "Cliff_Swallow"}
+
+`time` is UTC ISO 8601. `label`/`confidence` are the top-1 prediction. `embedding` is the model's
+CLS embedding projected to a few dimensions by a fixed seeded random matrix (Johnson-Lindenstrauss:
+distances survive, the log stays small); anyone who wants comparable vectors (e.g. a reference
+profile from the training set) projects with `EmbeddingProjector(dim)` and the same seed. A feedback
+line attaches a true label to an earlier prediction by its request id; the last one wins.
+
+Lines are written with one `write` on a file opened for appending, so several writers on one host
+do not interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
+"""
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDING_DIM = 32
+EMBEDDING_SEED = 0
+LOG_FILE_NAME = "predictions.jsonl"
+LOG_PATH_ENV = "VITBIRDS_PREDICTION_LOG"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass
+class PredictionRecord:
+    request_id: str
+    model_name: str
+    model_version: str
+    label: str
+    confidence: float
+    top_k: list[dict[str, Any]]  # {"label", "index", "probability"}, most probable first
+    embedding: list[float]
+    endpoint: str = "predict"
+    time: str = field(default_factory=now_iso)
+    kind: str = "prediction"
+
+
+@dataclass
+class FeedbackRecord:
+    request_id: str
+    label: str
+    time: str = field(default_factory=now_iso)
+    kind: str = "feedback"
+
+
+@dataclass
+class PredictionLogContents:
+    """A log read back: predictions in file order with any feedback label joined on."""
+
+    predictions: list[PredictionRecord]
+    true_labels: dict[str, str]  # request_id -> the last feedback label
+    skipped_lines: int  # unparseable lines (e.g. cut off by a crash)
+
+    def labelled(self) -> list[tuple[PredictionRecord, str]]:
+        """Predictions that received feedback, with their true label."""
+        return [
+            (record, self.true_labels[record.request_id])
+            for record in self.predictions
+            if record.request_id in self.true_labels
+        ]
+
+
+class EmbeddingProjector:
+    """A fixed random projection dim -> EMBEDDING_DIM; the same seed gives the same matrix on every
+    machine (torch's CPU generator is deterministic), so logs from several replicas compare."""
+
+    def __init__(self, dim: int, out_dim: int = EMBEDDING_DIM, seed: int = EMBEDDING_SEED) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.matrix = torch.randn(dim, out_dim, generator=generator) / out_dim**0.5
+
+    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, dim] -> [B, out_dim] (float32, on the CPU)."""
+        return embeddings.detach().float().cpu() @ self.matrix
+
+
+def default_log_path(model_dir: str | Path) -> Path:
+    """`$VITBIRDS_PREDICTION_LOG`, else `predictions.jsonl` beside the model directory (one log for
+    every version: each record names its model version)."""
+    env = os.environ.get(LOG_PATH_ENV)
+    if env:
+        return Path(env)
+    return Path(model_dir).resolve().parent / LOG_FILE_NAME
+
+
+class PredictionLog:
+    """Appends records as JSON lines; safe to share between threads of one process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def append(self, record: PredictionRecord | FeedbackRecord) -> None:
+        line = json.dumps(asdict(record), separators=(",", ":")) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+
+
+def iter_log(path: str | Path) -> Iterator[dict[str, Any] | None]:
+    """Each line's object, or None for a line that is not a JSON object."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                yield None
+                continue
+            yield value if isinstance(value, dict) else None
+
+
+def read_log(path: str | Path) -> PredictionLogContents:
+    """Reads the whole log; an absent file reads as empty (no traffic yet)."""
+    contents = PredictionLogContents(predictions=[], true_labels={}, skipped_lines=0)
+    if not Path(path).exists():
+        return contents
+    for value in iter_log(path):
+        try:
+            if value is None:
+                raise TypeError("not a JSON object")
+            if value.get("kind") == "prediction":
+                contents.predictions.append(PredictionRecord(**value))
+            elif value.get("kind") == "feedback":
+                feedback = FeedbackRecord(**value)
+                contents.true_labels[feedback.request_id] = feedback.label
+            else:
+                raise TypeError(f"unknown kind {value.get('kind')!r}")
+        except TypeError:
+            contents.skipped_lines += 1
+    return contents

@@ -27,27 +27,30 @@ ENV PYTHONPATH=/home/ray/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
+# uid 1000 / gid 100 are the image's `ray` user and `users` group. Numeric, so that Kubernetes'
+# runAsNonRoot can check them. That user owns the image's Python, so installing needs no root,
+# and nothing below runs as root. .dockerignore lets in only the code (no data, runs, caches,
+# virtualenvs or secrets).
+USER 1000:100
+# BuildKit creates the WORKDIR as the current USER, so pip can build in it.
 WORKDIR /home/ray/app
-
-# The ray user owns the image's Python, so installing needs no root, and nothing below runs as
-# root. .dockerignore lets in only the code (no data, runs, caches, virtualenvs or secrets).
-USER ray
-COPY --chown=ray:users pyproject.toml README.md ./
-COPY --chown=ray:users vitbirds/ vitbirds/
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 vitbirds/ vitbirds/
 # A local version such as torch 2.14.1+cpu satisfies the pin torch==2.14.1, so an extra index
 # swaps the wheel's flavour without a second copy of the version numbers.
 RUN python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
     && python -c "import torch, ray, vitbirds; print('torch', torch.__version__, 'ray', ray.__version__)"
-COPY --chown=ray:users jobs/ jobs/
-COPY --chown=ray:users serve/ serve/
+COPY --chown=1000:100 jobs/ jobs/
+COPY --chown=1000:100 serve/ serve/
 
 FROM app AS model-storage
 
 FROM app AS model-baked
-COPY --chown=ray:users models/baked/ /home/ray/app/models/baked/
+COPY --chown=1000:100 models/baked/ /home/ray/app/models/baked/
 ENV VITBIRDS_MODEL_DIR=/home/ray/app/models/baked
 
-# Only the selected stage is built, so a storage build never needs models/baked/.
+# BuildKit builds only the selected stage, so a storage build never needs models/baked/. hadolint takes
+# model-${MODEL_SOURCE} for an untagged image; it is one of the two stages above.
 # hadolint ignore=DL3006
 FROM model-${MODEL_SOURCE}
-USER ray
+USER 1000:100

@@ -43,6 +43,9 @@ class ModelConfig(_DictMixin):
     # Lee et al. 2021, "Vision Transformer for Small-Size Datasets":
     shifted_patches: bool = False  # shifted patch tokenization (SPT)
     locality_attention: bool = False  # learnable temperature + masked self-tokens (LSA)
+    # Touvron et al. 2021 (DeiT): a second prefix token with its own head, trained to match a
+    # teacher's predictions; inference averages the two heads.
+    distill_token: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

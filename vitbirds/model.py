@@ -7,7 +7,9 @@ softmax path can return; both paths compute the same function.
 
 Two options from Lee et al. 2021 ("Vision Transformer for Small-Size Datasets") help on small data:
 shifted patch tokenization (`ShiftedPatchEmbed`) and locality self-attention (`Attention` with
-`locality=True`).
+`locality=True`). A third, from Touvron et al. 2021 (DeiT), is a distillation token: a second
+prefix token after CLS with its own head (`head_dist`, named as in timm), which
+`vitbirds.training` trains against a teacher's predictions.
 """
 
 import math
@@ -171,31 +173,45 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier on the CLS token. See the module docstring for the two attention paths."""
+    """ViT classifier on the CLS token. See the module docstring for the two attention paths.
 
-    num_prefix_tokens = 1  # the CLS token
+    With `config.distill_token` the tokens are [CLS, DIST, patches...]: token 0 stays CLS for
+    embeddings and attention maps, and the logits are the mean of both heads, except while
+    `distilled_training` is set (by a training run with a teacher) and the model is in train mode:
+    then `forward` returns the pair (CLS logits, DIST logits) so each head gets its own loss.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
+        self.num_prefix_tokens = 2 if config.distill_token else 1
+        self.distilled_training = False
         embed_cls = ShiftedPatchEmbed if config.shifted_patches else PatchEmbed
         self.patch_embed = embed_cls(
             patch_size=config.patch_size, in_chans=config.in_chans, dim=config.dim
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.dim))
+        self.dist_token = (
+            nn.Parameter(torch.zeros(1, 1, config.dim)) if config.distill_token else None
+        )
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, config.num_patches + self.num_prefix_tokens, config.dim)
+        )
         self.pos_drop = nn.Dropout(config.dropout)
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(config.dim, config.num_classes)
+        self.head_dist = nn.Linear(config.dim, config.num_classes) if config.distill_token else None
         self._init_weights()
 
     def _init_weights(self) -> None:
         """timm's default ('original') ViT initialisation, so from-scratch runs behave alike."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # as DeiT
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -225,29 +241,38 @@ class VisionTransformer(nn.Module):
         self._check_input(x)
         grid = (x.shape[2] // self.config.patch_size, x.shape[3] // self.config.patch_size)
         patches = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        tokens = torch.cat([cls, patches], dim=1) + self._position_embedding(grid)
+        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        prefix = [token.expand(x.shape[0], -1, -1) for token in prefix]
+        tokens = torch.cat([*prefix, patches], dim=1) + self._position_embedding(grid)
         return self.pos_drop(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm: [B, 1 + N, dim]."""
+        """All tokens after the final norm: [B, prefix + N, dim] (prefix: CLS, then DIST if on)."""
         x = self._tokens(x)
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features[:, 0])
+        logits = self.head(features[:, 0])
+        if self.head_dist is None:
+            return logits
+        logits_dist = self.head_dist(features[:, 1])
+        if self.distilled_training and self.training:
+            return logits, logits_dist  # type: ignore[return-value]
+        return (logits + logits_dist) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised CLS embedding [B, dim] that the head reads (drift monitoring uses it)."""
+        """The normalised CLS embedding [B, dim] that the (CLS) head reads; drift monitoring
+        uses it."""
         return self.forward_features(x)[:, 0]
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits plus every layer's attention weights [B, heads, 1 + N, 1 + N] (rows sum to 1)."""
+        """Logits plus every layer's attention weights [B, heads, P + N, P + N] (rows sum to 1),
+        P = `num_prefix_tokens`; row and column 0 are the CLS token."""
         x = self._tokens(x)
         attentions = []
         for block in self.blocks:
@@ -258,9 +283,14 @@ class VisionTransformer(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """A fresh classifier for another label set (fine-tuning from other weights)."""
         self.config.num_classes = num_classes
-        self.head = nn.Linear(self.config.dim, num_classes, device=self.head.weight.device)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        device = self.head.weight.device
+        self.head = nn.Linear(self.config.dim, num_classes, device=device)
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(self.config.dim, num_classes, device=device)
+        for head in (self.head, self.head_dist):
+            if head is not None:
+                nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
 
 
 def resize_pos_embed(

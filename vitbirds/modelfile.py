@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitbirds import __version__
+from vitbirds.baselines import build_classifier
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
-from vitbirds.model import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -35,7 +35,7 @@ class ModelMetadata:
     mean: list[float]
     std: list[float]
     image_size: int
-    architecture: str = "vit"
+    architecture: str = "vit"  # or "resnet18", a baseline/teacher (vitbirds.baselines)
     name: str = "vitbirds"
     version: str = ""  # defaults to the creation timestamp
     metrics: dict[str, float] = field(default_factory=dict)
@@ -118,7 +118,7 @@ def read_metadata(model_dir: str | Path) -> ModelMetadata:
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model in eval mode on `device`, checked against its metadata."""
     metadata = read_metadata(model_dir)
-    model = build_model(metadata.model_config)
+    model = build_classifier(metadata.architecture, metadata.model_config)
     state = load_file(Path(model_dir) / WEIGHTS_FILE)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

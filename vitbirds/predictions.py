@@ -93,13 +93,12 @@ class EmbeddingProjector:
         return embeddings.detach().float().cpu() @ self.matrix
 
 
-def default_log_path(model_dir: str | Path) -> Path:
-    """`$VITBIRDS_PREDICTION_LOG`, else `predictions.jsonl` beside the model directory (one log for
-    every version: each record names its model version)."""
-    env = os.environ.get(LOG_PATH_ENV)
-    if env:
-        return Path(env)
-    return Path(model_dir).resolve().parent / LOG_FILE_NAME
+def log_path(model_dir: str | Path, configured: str | Path | None = None) -> Path:
+    """Where the log of a model directory goes: `$VITBIRDS_PREDICTION_LOG` (containers set it),
+    else `configured`, else `predictions.jsonl` beside the model directory (one log for every
+    version: each record names its model version)."""
+    chosen = os.environ.get(LOG_PATH_ENV) or configured
+    return Path(chosen) if chosen else Path(model_dir).resolve().parent / LOG_FILE_NAME
 
 
 class PredictionLog:

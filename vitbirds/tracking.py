@@ -120,7 +120,9 @@ class MlflowTracker:
 class NeptuneTracker:
     """A Neptune run (`pip install vitbirds[neptune]`); offline unless NEPTUNE_API_TOKEN is set."""
 
-    def __init__(self, project: str, run_name: str, base: str = "") -> None:
+    def __init__(
+        self, project: str, run_name: str, data_directory: str | Path | None = None
+    ) -> None:
         try:
             import neptune
         except ImportError as error:
@@ -128,10 +130,12 @@ class NeptuneTracker:
                 "--tracker neptune needs the neptune extra: pip install -e '.[neptune]'"
             ) from error
         mode = "async" if os.environ.get("NEPTUNE_API_TOKEN") else "offline"
+        if data_directory is not None:  # where offline runs land (`neptune sync` uploads them)
+            os.environ.setdefault("NEPTUNE_DATA_DIRECTORY", str(data_directory))
         self._neptune = neptune
         self.project = project
         self.run = neptune.init_run(project=project, name=run_name, mode=mode)
-        self.base = base
+        self.base = ""
 
     def _key(self, name: str) -> str:
         return f"{self.base}{name}"
@@ -192,7 +196,7 @@ def make_tracker(
         return MlflowTracker(uri, experiment, run_name)
     if kind == "neptune":
         project = os.environ.get("NEPTUNE_PROJECT", f"vitbirds/{experiment}")
-        return NeptuneTracker(project, run_name)
+        return NeptuneTracker(project, run_name, Path(storage_path) / "neptune")
     if kind == "none":
         return NullTracker()
     raise ConfigError(f"unknown tracker {kind!r}; choose one of {', '.join(TRACKERS)}")

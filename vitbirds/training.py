@@ -1,5 +1,5 @@
 """The one training loop: AdamW, warmup + cosine, grad clipping, label smoothing, mixup/cutmix,
-bf16 autocast on CUDA, optional EMA and torch.compile.
+bf16 autocast on CUDA, optional EMA, torch.compile and hard-label distillation from a teacher.
 
 It knows nothing of Ray: a Ray Train worker wraps the model and loaders (DDP, distributed sampler)
 and passes an `on_epoch_end` callback that reports and checkpoints. Validation metrics are
@@ -72,7 +72,13 @@ def _global_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 class TrainingRun:
-    """Optimiser, schedule and loop state for one model; resumable through `state_dict`."""
+    """Optimiser, schedule and loop state for one model; resumable through `state_dict`.
+
+    `mixer` mixes each batch (mixup/cutmix, `vitbirds.data.batch_mixer`) into soft targets.
+    `teacher` (a frozen classifier over the same inputs, e.g. a ResNet-18 model directory) turns on
+    DeiT hard-label distillation: loss = (CE(cls, labels) + CE(dist, teacher argmax)) / 2, where
+    `dist` is the distillation head of a ViT with `distill_token`, else the same logits.
+    """
 
     def __init__(
         self,
@@ -82,11 +88,17 @@ class TrainingRun:
         steps_per_epoch: int,
         device: torch.device,
         mixer: BatchMixer | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.mixer = mixer
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            if hasattr(unwrap_model(model), "distilled_training"):
+                unwrap_model(model).distilled_training = True
         self.epoch = 0  # epochs completed
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999)
@@ -127,10 +139,7 @@ class TrainingRun:
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
             with self._autocast():
-                logits = self.forward(images)
-                loss = F.cross_entropy(
-                    logits.float(), targets, label_smoothing=self.config.label_smoothing
-                )
+                logits, loss = self._loss(images, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip > 0:
@@ -155,14 +164,29 @@ class TrainingRun:
             "epoch_time_s": elapsed,
         }
 
+    def _loss(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits scored against the labels, loss); see the class docstring for distillation."""
+        outputs = self.forward(images)
+        logits, logits_dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing)
+        if self.teacher is None:
+            return logits, loss
+        with torch.no_grad():
+            teacher_labels = self.teacher(images).argmax(dim=1)
+        distill = F.cross_entropy(logits_dist.float(), teacher_labels)
+        return (logits + logits_dist) / 2, (loss + distill) / 2
+
     def evaluation_model(self) -> nn.Module:
         """The EMA weights when enabled (they generalise better), else the trained model."""
         return self.ema.module if self.ema is not None else self.model
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable[Batch]) -> dict[str, float]:
-        """Loss and top-1/top-5 accuracy on `loader`, summed over all workers."""
-        model = self.evaluation_model()
+    def evaluate(self, loader: Iterable[Batch], model: nn.Module | None = None) -> dict[str, float]:
+        """Loss and top-1/top-5 accuracy on `loader`, summed over all workers, of `model`
+        (default: `evaluation_model()`; pass `run.model` to score the raw weights beside EMA)."""
+        model = model if model is not None else self.evaluation_model()
         model.eval()
         loss_sum = top1 = top5 = seen = 0.0
         for images, labels in loader:

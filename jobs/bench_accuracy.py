@@ -1,0 +1,221 @@
+"""Valid top-1/top-5 of our best ViT recipe against a from-scratch ResNet-18, at equal budget.
+
+Both train through the same pipeline (`discover_dataset` -> `make_loaders` -> `TrainingRun`/`fit`)
+on the same data for the same number of epochs; the ResNet with the plain `vit-cpu` data and
+training settings (what a CNN needs no help with), the ViT with `--recipe`. A recipe with a
+distillation token learns from the ResNet trained here (DeiT hard-label distillation), or from
+`--teacher`, an existing model directory. Runs without Ray:
+
+    python jobs/bench_accuracy.py                                  # cub100, 30 epochs, 2 threads
+    python jobs/bench_accuracy.py --only vit --teacher runs/quality/bench/resnet18 \\
+        --recipe vit-cpu --set model.shifted_patches=true --name spt    # one ablation row
+
+Writes the model directories and `<name>.json` under `--out`, and prints one JSON line last.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vitbirds.baselines import build_classifier
+from vitbirds.benchmarking import report, target
+from vitbirds.data import IMAGENET_MEAN, IMAGENET_STD, batch_mixer, discover_dataset, make_loaders
+from vitbirds.data.sources import DatasetSplits
+from vitbirds.errors import ConfigError
+from vitbirds.modelfile import ModelMetadata, load_model, read_metadata, save_model
+from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.presets import Recipe, get_recipe
+from vitbirds.training import TrainingRun, fit, seed_everything
+
+DEFAULT_RECIPE = "vit-cpu-small-data"
+RESNET_RECIPE = "vit-cpu"  # its data and training settings; the model is the ResNet-18
+RATIO_GOAL = 0.85
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_data = shared_data_dir()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data / "cub100" if default_data else None,
+        help="an ImageFolder or Kaggle-layout dataset (default: ../shared/data/cub100)",
+    )
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="the ViT preset")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field, e.g. model.drop_path=0.2 or data.mixup=0.8 (JSON values)",
+    )
+    parser.add_argument("--teacher", type=Path, help="a model directory to distil from")
+    parser.add_argument("--only", choices=("both", "vit", "resnet"), default="both")
+    parser.add_argument("--out", type=Path, default=repo_root() / "runs" / "quality")
+    parser.add_argument("--name", default="bench", help="results file and model folder name")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """`section.field=value` onto a copy of `recipe`; values parse as JSON, else stay strings."""
+    recipe = recipe.copy()
+    for override in overrides:
+        key, _, text = override.partition("=")
+        section, _, name = key.partition(".")
+        config = getattr(recipe, section, None)
+        if config is None or not hasattr(config, name):
+            raise ConfigError(f"--set {override!r}: no field {key!r} in the recipe")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(recipe, section, type(config).from_dict({**config.to_dict(), name: value}))
+    return recipe
+
+
+def train_one(
+    label: str,
+    architecture: str,
+    recipe: Recipe,
+    splits: DatasetSplits,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    teacher: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Trains one classifier through the shared pipeline, saves its model dir, returns metrics."""
+    recipe.model.num_classes = len(splits.classes)
+    seed_everything(recipe.train.seed)
+    train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
+    model = build_classifier(architecture, recipe.model).to(device)
+    run = TrainingRun(
+        model,
+        recipe.train,
+        steps_per_epoch=len(train_loader),
+        device=device,
+        mixer=batch_mixer(recipe.data, recipe.model.num_classes),
+        teacher=teacher,
+    )
+
+    def progress(metrics: dict[str, float]) -> None:
+        print(
+            f"[{label}] epoch {metrics['epoch']:.0f} loss {metrics['train_loss']:.3f} "
+            f"top1 {metrics['val_top1']:.3f} ({metrics['epoch_time_s']:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    started = time.perf_counter()
+    history = fit(run, train_loader, valid_loader, on_epoch_end=progress)
+    wall = time.perf_counter() - started
+    final = history[-1]
+    result = {
+        "architecture": architecture,
+        "val_top1": final["val_top1"],
+        "val_top5": final["val_top5"],
+        "best_val_top1": max(m["val_top1"] for m in history),
+        "wall_s": round(wall, 1),
+        "epochs": recipe.train.epochs,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "distilled": teacher is not None,
+        "recipe": {"model": recipe.model.to_dict(), "data": recipe.data.to_dict(),
+                   "train": recipe.train.to_dict()},  # fmt: skip
+    }
+    if run.ema is not None:  # the raw weights too, so one run measures what EMA adds
+        result["val_top1_raw"] = run.evaluate(valid_loader, model=run.model)["val_top1"]
+    metadata = ModelMetadata(
+        model=recipe.model.to_dict(),
+        architecture=architecture,
+        class_names=splits.classes,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        image_size=recipe.data.image_size,
+        name=f"bench-{label}",
+        metrics={"val_top1": final["val_top1"], "val_top5": final["val_top5"]},
+        history=history,
+        data={"source": splits.source, "root": str(splits.root),
+              "fingerprint": splits.fingerprint(), "synthetic": splits.synthetic},  # fmt: skip
+    )
+    save_model(out_dir / label, run.evaluation_model(), metadata)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.data_dir is None:
+        raise SystemExit("no dataset: pass --data-dir or set VITBIRDS_DATA")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    recipe = apply_overrides(get_recipe(args.recipe), args.overrides)
+    image_size = args.image_size or recipe.model.image_size
+    recipe.model.image_size = recipe.data.image_size = image_size
+    recipe.model.validate()
+    recipe.train.epochs = args.epochs
+    recipe.train.device = args.device
+
+    splits = discover_dataset(args.data_dir)
+    out_dir = args.out / args.name
+    results: dict[str, Any] = {
+        "data": str(args.data_dir),
+        "train_images": len(splits.train),
+        "valid_images": len(splits.valid),
+        "classes": len(splits.classes),
+        "epochs": args.epochs,
+        "image_size": image_size,
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+    }
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    teacher_dir = args.teacher
+    if args.only in ("both", "resnet"):
+        baseline = get_recipe(RESNET_RECIPE)
+        baseline.train.epochs = args.epochs
+        baseline.train.device = args.device
+        baseline.model.image_size = baseline.data.image_size = image_size
+        results["resnet18"] = train_one(
+            "resnet18", "resnet18", baseline, splits, out_dir, device=device
+        )
+        teacher_dir = teacher_dir or out_dir / "resnet18"
+        save()
+    if args.only in ("both", "vit"):
+        teacher = None
+        if recipe.model.distill_token:
+            if teacher_dir is None:
+                raise SystemExit("the recipe distils: pass --teacher or train the ResNet too")
+            teacher = load_model(teacher_dir, device=device).model
+            results["teacher"] = str(teacher_dir)
+        results["vit"] = train_one("vit", "vit", recipe, splits, out_dir, device=device,
+                                   teacher=teacher)  # fmt: skip
+        save()
+
+    targets = []
+    reference = results.get("resnet18", {}).get("val_top1")
+    if reference is None and teacher_dir is not None:
+        reference = read_metadata(teacher_dir).metrics.get("val_top1")
+    if "vit" in results and reference:
+        ratio = results["vit"]["val_top1"] / reference
+        results["vit_resnet_top1_ratio"] = round(ratio, 4)
+        targets.append(target("vit/resnet top-1 ratio", ratio, RATIO_GOAL))
+        save()
+    report("accuracy", results, targets, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

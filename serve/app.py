@@ -1,0 +1,438 @@
+"""The Ray Serve application: an HTTP ingress composed with a batching classifier and an attention
+explainer.
+
+    HTTP -> Ingress (FastAPI: reads and decodes the upload, answers every bad input with a 4xx)
+              |-> Classifier          (@serve.batch: probabilities + CLS embeddings)
+              `-> AttentionExplainer  (attention rollout overlay PNG, /explain only)
+
+`serve run serve/config.yaml` (from the repository root) or `serve.run(app({"model_dir": ...}))`.
+`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Decoding happens once, in the ingress, so hostile
+bytes never reach a model replica, and the replicas exchange small tensors. Backpressure: past
+`max_queued_requests` the proxy (for the ingress) or the ingress (for the classifier) answers 503
+at once instead of letting a queue grow without bound.
+"""
+
+import asyncio
+import base64
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serve.inference import (
+    BatchPredictor,
+    ClassifierOutput,
+    ImagePreprocessor,
+    render_explanation,
+    top_k,
+)
+from serve.schemas import (
+    BatchStats,
+    ErrorResponse,
+    ExplainResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    ModelInfo,
+    PredictResponse,
+    ServeSettings,
+)
+from vitbirds.devices import resolve_device
+from vitbirds.errors import ImageDecodeError
+from vitbirds.modelfile import fetch_model_dir, load_model, read_metadata
+from vitbirds.predictions import FeedbackRecord, PredictionLog, PredictionRecord, log_path
+
+logger = logging.getLogger("ray.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+MAX_TOP_K = 1000
+CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class InputRejected(Exception):
+    """A request we refuse on purpose: becomes `status` with {"error", "reason"}."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+# Metrics are created on first use, inside the replica that records them.
+@cache
+def _rejected_inputs() -> metrics.Counter:
+    return metrics.Counter(
+        "vitbirds_rejected_inputs",
+        description="Requests refused with a 4xx/503, by reason.",
+        tag_keys=("reason",),
+    )
+
+
+@cache
+def _predictions_by_class() -> metrics.Counter:
+    return metrics.Counter(
+        "vitbirds_predictions", description="Top-1 predictions, by class.", tag_keys=("label",)
+    )
+
+
+@cache
+def _confidence() -> metrics.Histogram:
+    return metrics.Histogram(
+        "vitbirds_prediction_confidence",
+        description="Top-1 probability of each prediction.",
+        boundaries=CONFIDENCE_BUCKETS,
+    )
+
+
+@cache
+def _batch_sizes() -> metrics.Histogram:
+    return metrics.Histogram(
+        "vitbirds_batch_size",
+        description="Images per Classifier forward pass.",
+        boundaries=BATCH_SIZE_BUCKETS,
+    )
+
+
+def _error(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+    _rejected_inputs().inc(tags={"reason": reason})
+    content = ErrorResponse(error=message, reason=reason).model_dump()
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
+api = FastAPI(
+    title="vitbirds",
+    description="Bird species from a photo, with the attention map of a from-scratch ViT.",
+    version="1",
+)
+
+
+@api.exception_handler(InputRejected)
+async def _input_rejected(_: Request, exc: InputRejected) -> JSONResponse:
+    return _error(exc.status, exc.reason, exc.message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in exc.errors()
+    )
+    return _error(422, "invalid_request", problems)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+
+
+def _decode_rejection(error: ImageDecodeError) -> InputRejected:
+    message = str(error).removeprefix("<bytes>: ")
+    if "too many pixels" in message or "max_pixels" in message:
+        return InputRejected(413, "too_many_pixels", message)
+    if "not an image" in message:
+        return InputRejected(422, "not_an_image", message)
+    return InputRejected(422, "undecodable_image", message)
+
+
+async def _limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body in chunks, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InputRejected(400, "bad_content_length", f"Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise InputRejected(
+                413, "too_large", f"body of {declared} bytes exceeds the {limit}-byte limit"
+            )
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputRejected(413, "too_large", f"body exceeds the {limit}-byte limit")
+        yield chunk
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The image bytes of a multipart upload (field `file`) or of a raw image body."""
+    content_type = request.headers.get("content-type", "").lower()
+    body = _limited_body(request, limit)
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await MultiPartParser(request.headers, body, max_files=1, max_fields=8).parse()
+        except MultiPartException as exc:
+            raise InputRejected(400, "bad_multipart", exc.message) from exc
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                fields = sorted(form.keys())
+                raise InputRejected(400, "missing_file", f"no file field 'file' (got {fields})")
+            data = await upload.read()
+        finally:
+            await form.close()
+    elif content_type.startswith(RAW_IMAGE_TYPES):
+        data = b"".join([chunk async for chunk in body])
+    else:
+        raise InputRejected(
+            415,
+            "unsupported_content_type",
+            f"Content-Type {content_type or '(none)'!r}: send multipart/form-data with a 'file' "
+            "field, or the image itself as image/* or application/octet-stream",
+        )
+    if not data:
+        raise InputRejected(400, "empty", "the image is empty (0 bytes)")
+    return data
+
+
+@serve.deployment(
+    name="Classifier",
+    max_ongoing_requests=64,  # >= max_batch_size, so a full batch can form
+    max_queued_requests=128,
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+)
+class Classifier:
+    """Loads the model once; answers batches of preprocessed images."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        loaded = load_model(fetch_model_dir(settings.model_dir), device)
+        self.predictor = BatchPredictor(loaded, device)
+        self.batch_stats = BatchStats()
+        logger.info("Classifier: %s %s on %s", loaded.metadata.name, loaded.metadata.version, device)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Batching knobs from user_config, changeable without restarting the replica."""
+        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, images: list[torch.Tensor]) -> list[ClassifierOutput]:
+        self.batch_stats.record(len(images))
+        _batch_sizes().observe(len(images))
+        # A worker thread keeps this replica's event loop free to gather the next batch.
+        return await asyncio.to_thread(self.predictor, images)
+
+    def stats(self) -> BatchStats:
+        return self.batch_stats
+
+
+@serve.deployment(name="AttentionExplainer", max_ongoing_requests=8, max_queued_requests=32)
+class AttentionExplainer:
+    """Runs the model with attention weights and draws the rollout over the photo."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = resolve_device(settings.device)
+        self.loaded = load_model(fetch_model_dir(settings.model_dir), self.device)
+
+    async def explain(self, image: torch.Tensor, display: Any) -> bytes:
+        return await asyncio.to_thread(
+            render_explanation, self.loaded, image, display, self.device
+        )
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)
+}
+_TOP_K = Query(None, ge=1, le=MAX_TOP_K, description="How many classes (default 5)")
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=64)
+@serve.ingress(api)
+class Ingress:
+    """HTTP: reads and checks the upload, asks the model deployments, logs the prediction."""
+
+    def __init__(
+        self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: ServeSettings
+    ) -> None:
+        self.classifier = classifier
+        self.explainer = explainer
+        self.settings = settings
+        local_dir = fetch_model_dir(settings.model_dir)
+        self.metadata = read_metadata(local_dir)
+        self.preprocessor = ImagePreprocessor(
+            self.metadata, max_pixels=settings.max_pixels, display_size=settings.display_size
+        )
+        self.log = PredictionLog(log_path(local_dir, settings.prediction_log))
+        self.index_html = (STATIC_DIR / "index.html").read_text()
+        logger.info("Ingress: prediction log %s", self.log.path)
+
+    async def _image(self, request: Request) -> torch.Tensor:
+        data = await read_upload(request, self.settings.max_body_bytes)
+        try:
+            return await asyncio.to_thread(self.preprocessor.model_input, data)
+        except ImageDecodeError as exc:
+            raise _decode_rejection(exc) from exc
+
+    async def _image_and_display(self, request: Request) -> tuple[torch.Tensor, Any]:
+        data = await read_upload(request, self.settings.max_body_bytes)
+
+        def decode() -> tuple[torch.Tensor, Any]:
+            return self.preprocessor.model_input(data), self.preprocessor.display_image(data)
+
+        try:
+            return await asyncio.to_thread(decode)
+        except ImageDecodeError as exc:
+            raise _decode_rejection(exc) from exc
+
+    def _record(
+        self, output: ClassifierOutput, k: int | None, endpoint: str
+    ) -> PredictResponse:
+        """The response for one prediction; appends it to the log and the metrics."""
+        request_id = uuid.uuid4().hex
+        predictions = top_k(
+            output.probabilities, self.metadata.class_names, k or self.settings.default_top_k
+        )
+        best = predictions[0]
+        self.log.append(
+            PredictionRecord(
+                request_id=request_id,
+                model_name=self.metadata.name,
+                model_version=self.metadata.version,
+                label=best["label"],
+                confidence=best["probability"],
+                top_k=predictions,
+                embedding=output.embedding,
+                endpoint=endpoint,
+            )
+        )
+        _predictions_by_class().inc(tags={"label": best["label"]})
+        _confidence().observe(best["probability"])
+        return PredictResponse(
+            request_id=request_id,
+            model_name=self.metadata.name,
+            model_version=self.metadata.version,
+            predictions=predictions,
+        )
+
+    @api.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        summary="Top-k species for a photo (multipart field 'file', or the raw image body)",
+    )
+    async def predict(self, request: Request, top_k: int | None = _TOP_K) -> Any:
+        image = await self._image(request)
+        try:
+            output = await self.classifier.predict.remote(image)
+        except (BackPressureError, RayActorError) as exc:
+            return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+        return self._record(output, top_k, "predict")
+
+    @api.post(
+        "/explain",
+        responses={
+            200: {"content": {"image/png": {}}, "model": ExplainResponse},
+            **_ERRORS,
+        },
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        summary="Attention overlay PNG; JSON with it in base64 plus the top-k if "
+        "Accept: application/json",
+    )
+    async def explain(self, request: Request, top_k: int | None = _TOP_K) -> Any:
+        image, display = await self._image_and_display(request)
+        try:
+            output, png = await asyncio.gather(
+                self.classifier.predict.remote(image),
+                self.explainer.explain.remote(image, display),
+            )
+        except (BackPressureError, RayActorError) as exc:
+            return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+        response = self._record(output, top_k, "explain")
+        if "application/json" in request.headers.get("accept", ""):
+            overlay = base64.b64encode(png).decode("ascii")
+            return ExplainResponse(**response.model_dump(), overlay_png_base64=overlay)
+        return Response(png, media_type="image/png", headers={"X-Request-Id": response.request_id})
+
+    @api.post("/feedback", response_model=FeedbackResponse, status_code=202, responses=_ERRORS)
+    async def feedback(self, body: FeedbackRequest) -> Any:
+        """Attach the true label to an earlier prediction (by its request_id)."""
+        if body.label not in self.metadata.class_names:
+            raise InputRejected(
+                422, "unknown_label", f"{body.label!r} is not one of the model's classes"
+            )
+        self.log.append(FeedbackRecord(request_id=body.request_id, label=body.label))
+        return FeedbackResponse(request_id=body.request_id, label=body.label)
+
+    @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
+    async def healthz(self) -> Any:
+        """Ready when a Classifier replica answers; includes that replica's batching counters."""
+        try:
+            stats = await self.classifier.stats.remote()
+        except (BackPressureError, RayActorError) as exc:
+            return _error(503, "unavailable", str(exc))
+        return HealthResponse(
+            status="ok",
+            model_name=self.metadata.name,
+            model_version=self.metadata.version,
+            classifier=stats,
+        )
+
+    @api.get("/model", response_model=ModelInfo)
+    async def model(self) -> ModelInfo:
+        m = self.metadata
+        return ModelInfo(
+            name=m.name,
+            version=m.version,
+            architecture=m.architecture,
+            classes=m.class_names,
+            image_size=m.image_size,
+            metrics=m.metrics,
+            synthetic=m.synthetic,
+            created_at=m.created_at,
+            code_version=m.code_version,
+        )
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index(self) -> HTMLResponse:
+        return HTMLResponse(self.index_html)
+
+
+def build_app(
+    settings: ServeSettings, options: dict[str, dict[str, Any]] | None = None
+) -> serve.Application:
+    """The application with per-deployment option overrides (tests, benchmarks); serve/config.yaml
+    sets the same options for `serve run`/`serve deploy`."""
+    options = options or {}
+    classifier = Classifier.options(**options.get("Classifier", {})).bind(settings)
+    explainer = AttentionExplainer.options(**options.get("AttentionExplainer", {})).bind(settings)
+    return Ingress.options(**options.get("Ingress", {})).bind(classifier, explainer, settings)
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `import_path: serve.app:app`, args as in ServeSettings."""
+    return build_app(ServeSettings.from_args(args))

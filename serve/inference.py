@@ -1,0 +1,93 @@
+"""The serving work that does not need Ray: uploaded bytes -> model input, a batch -> outputs,
+one image -> attention overlay. The deployments in serve/app.py wrap these, and the benchmark's
+naive baseline and its throughput limit run the very same code without Serve.
+
+Photos are decoded exactly as training and evaluation decode them (`load_rgb` at the short side
+`image_size * EVAL_RESIZE_SCALE`, then `eval_transform`), so a served prediction is the prediction
+`jobs/evaluate.py` would make for the same file.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
+from vitbirds.explain import denormalize, explain_image, render_overlay
+from vitbirds.modelfile import LoadedModel, ModelMetadata
+from vitbirds.predictions import EmbeddingProjector
+
+_IDENTITY_MEAN = (0.0, 0.0, 0.0)
+_IDENTITY_STD = (1.0, 1.0, 1.0)
+
+
+class ImagePreprocessor:
+    """Decodes uploads for one model; raises ImageDecodeError saying why a file is refused."""
+
+    def __init__(
+        self, metadata: ModelMetadata, *, max_pixels: int = DEFAULT_MAX_PIXELS, display_size: int = 224
+    ) -> None:
+        self.max_pixels = max_pixels
+        self.decode_size = round(metadata.image_size * EVAL_RESIZE_SCALE)
+        self.transform = eval_transform(metadata.image_size, metadata.mean, metadata.std)
+        self.display_decode_size = round(display_size * EVAL_RESIZE_SCALE)
+        # The same resize and crop at display resolution, left unnormalised: what the model saw,
+        # sharp enough to see a bird in.
+        self.display_transform = eval_transform(display_size, _IDENTITY_MEAN, _IDENTITY_STD)
+
+    def model_input(self, data: bytes) -> torch.Tensor:
+        """[3, image_size, image_size] float, normalised as in training."""
+        image = load_rgb(data, max_pixels=self.max_pixels, short_side=self.decode_size)
+        return self.transform(image)
+
+    def display_image(self, data: bytes) -> np.ndarray:
+        """uint8 [display_size, display_size, 3]: the model's crop at display resolution."""
+        image = load_rgb(data, max_pixels=self.max_pixels, short_side=self.display_decode_size)
+        return denormalize(self.display_transform(image), _IDENTITY_MEAN, _IDENTITY_STD)
+
+
+@dataclass
+class ClassifierOutput:
+    probabilities: list[float]  # softmax over the classes, in output order
+    embedding: list[float]  # the CLS embedding through `EmbeddingProjector`
+
+
+class BatchPredictor:
+    """One forward pass for a list of preprocessed images."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu") -> None:
+        self.model = loaded.model
+        self.device = torch.device(device)
+        self.projector = EmbeddingProjector(loaded.metadata.model_config.dim)
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor]) -> list[ClassifierOutput]:
+        batch = torch.stack(images).to(self.device, non_blocking=True)
+        features = self.model.forward_features(batch)
+        probabilities = self.model.forward_head(features).float().softmax(dim=-1).cpu()
+        embeddings = self.projector(features[:, 0])
+        return [
+            ClassifierOutput(p.tolist(), e.tolist())
+            for p, e in zip(probabilities, embeddings, strict=True)
+        ]
+
+
+def top_k(probabilities: list[float], class_names: list[str], k: int) -> list[dict[str, object]]:
+    """The k most probable classes as {"label", "index", "probability"}, most probable first."""
+    values, indices = torch.tensor(probabilities).topk(min(k, len(class_names)))
+    return [
+        {"label": class_names[i], "index": i, "probability": v}
+        for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def render_explanation(
+    loaded: LoadedModel, image: torch.Tensor, display: np.ndarray, device: torch.device | str
+) -> bytes:
+    """PNG of photo | attention rollout | overlay, captioned with the model's top-1 guess."""
+    explanation = explain_image(loaded.model, image.to(device))
+    label = loaded.metadata.class_names[explanation.predicted]
+    probability = float(explanation.probs[explanation.predicted])
+    caption = f"{label} ({probability:.1%}), attention rollout"
+    return render_overlay(display, explanation.heatmap, caption=caption)

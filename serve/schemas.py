@@ -1,0 +1,118 @@
+"""What the service is configured with and what its HTTP API says, in one place.
+
+`ServeSettings` is the application's arguments (`args:` in serve/config.yaml); the pydantic models
+are the JSON bodies, and FastAPI turns them into the OpenAPI document at /docs.
+"""
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from vitbirds.data.images import DEFAULT_MAX_PIXELS
+from vitbirds.errors import ConfigError
+
+MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
+
+
+@dataclass
+class ServeSettings:
+    """Application arguments shared by the three deployments."""
+
+    model_dir: str = ""  # local path or gs://; $VITBIRDS_MODEL_DIR overrides
+    prediction_log: str | None = None  # None: beside the model dir; $VITBIRDS_PREDICTION_LOG wins
+    max_body_bytes: int = 10 * 1024 * 1024  # larger uploads get 413 before being read
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413 before being decoded
+    default_top_k: int = 5
+    device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
+    torch_threads: int | None = None  # None: torch's default (Ray sets it from num_cpus)
+    display_size: int = 224  # side of the crop /explain draws the attention on
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
+        for name in ("max_body_bytes", "max_pixels", "default_top_k", "display_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ConfigError(f"torch_threads must be positive, got {self.torch_threads}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
+        """From `serve run`/`serve deploy` arguments, with `$VITBIRDS_MODEL_DIR` taking priority."""
+        values = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown application args {unknown}; known: {sorted(known)}")
+        if os.environ.get(MODEL_DIR_ENV):
+            values["model_dir"] = os.environ[MODEL_DIR_ENV]
+        return cls(**values)
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What was wrong, for a person")
+    reason: str = Field(description="Machine-readable cause, e.g. not_an_image, too_large")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int = Field(description="Output index of the class")
+    probability: float
+
+
+class PredictResponse(BaseModel):
+    request_id: str = Field(description="Quote it in POST /feedback to attach the true label")
+    model_name: str
+    model_version: str
+    predictions: list[Prediction] = Field(description="Top-k, most probable first")
+
+
+class ExplainResponse(PredictResponse):
+    overlay_png_base64: str = Field(description="Photo | attention rollout | overlay, PNG")
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(min_length=1, max_length=128)
+    label: str = Field(min_length=1, description="The true class name, one of GET /model's classes")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    label: str
+    status: str = "recorded"
+
+
+class BatchStats(BaseModel):
+    """Counters of one Classifier replica since it started."""
+
+    requests: int = 0
+    batches: int = 0
+    max_batch_size_seen: int = 0
+    batch_sizes: dict[int, int] = Field(default_factory=dict, description="size -> count")
+
+    def record(self, size: int) -> None:
+        self.requests += size
+        self.batches += 1
+        self.max_batch_size_seen = max(self.max_batch_size_seen, size)
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_name: str
+    model_version: str
+    classifier: BatchStats
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    classes: list[str]
+    image_size: int
+    metrics: dict[str, float]
+    synthetic: bool = Field(description="Trained on generated shapes, not photos of birds")
+    created_at: str
+    code_version: str

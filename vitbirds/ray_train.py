@@ -1,0 +1,660 @@
+"""Ray Train adapter: the one training loop of `vitbirds.training`, on N Ray workers.
+
+The only module of the package that imports Ray. Everything a worker does besides talking to Ray
+(data, model, loop, checkpoint format) comes from the Ray-free modules, so a distributed run and
+the plain single-process loop train the same way.
+
+- Workers: `ScalingConfig(num_workers, use_gpu)`; DDP over gloo on CPU, NCCL on GPU; the train
+  loader is sharded by Ray's `prepare_data_loader` (a DistributedSampler); the valid loader is
+  split exactly (rank::world) so epoch metrics count every image once. Apple MPS: one worker with
+  `use_gpu=False` that moves model and batches to `mps` itself (Ray has no MPS device manager).
+- Every epoch all workers call `ray.train.report` with the global metrics; rank 0 attaches a
+  checkpoint in the format of `vitbirds.training.save_checkpoint`. `CheckpointConfig` keeps the
+  best k by `val_top1` (plus the latest, which resuming needs).
+- Fault tolerance: `FailureConfig(max_failures)` restarts the worker group from the latest
+  checkpoint; a rerun with the same run name and storage path resumes the same way.
+- The driver prints one line per epoch and feeds the tracker: a controller callback forwards
+  rank 0's report to a small actor the driver drains, so only one process ever logs.
+- At the end the driver evaluates the best checkpoint on the test split (valid when there is
+  none) with `vitbirds.evaluation` and exports the servable model directory.
+"""
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from vitbirds.data.loading import make_loaders
+from vitbirds.data.sources import DatasetSplits
+from vitbirds.data.transforms import batch_mixer
+from vitbirds.devices import resolve_device
+from vitbirds.errors import ConfigError, VitbirdsError
+from vitbirds.evaluation import (
+    confusion_png,
+    evaluate_model,
+    learning_curves_png,
+    log_to_tracker,
+    write_report,
+)
+from vitbirds.modelfile import load_model, read_metadata, save_model
+from vitbirds.presets import Recipe
+from vitbirds.runner import (
+    build_metadata,
+    build_run_model,
+    data_label,
+    fit_recipe_to_data,
+    prepare_dataset,
+)
+from vitbirds.tracking import Tracker, make_tracker
+from vitbirds.training import TrainingRun, fit, load_checkpoint, save_checkpoint, seed_everything
+
+logger = logging.getLogger(__name__)
+
+SCORE_METRIC = "val_top1"
+DEVICES = ("cpu", "cuda", "mps")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a worker on purpose (`TrainJob.fail_at_epoch`) to exercise fault tolerance."""
+
+
+@dataclass
+class TrainJob:
+    """One training run on Ray: the recipe plus where and how it runs."""
+
+    recipe: Recipe
+    run_name: str
+    storage_path: str = "runs"  # local folder or a URI Ray Train understands (gs://, s3://)
+    num_workers: int = 1
+    device: str = "cpu"  # cpu | cuda (one GPU per worker) | mps (Apple, single worker)
+    cpus_per_worker: int = 1  # also the worker's torch thread count
+    max_failures: int = 0
+    keep_checkpoints: int = 2  # best k by val_top1; the latest is kept as well
+    init_from: str | None = None  # timm ViT .safetensors to start from
+    tracker: str = "mlflow"
+    evaluate: bool = True
+    export_dir: str | None = None  # a stable copy of the exported model, e.g. models/latest
+    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.runner default
+    # Test hook: the worker group that started from scratch fails after training this epoch and
+    # before reporting it, so Ray Train must restart from the previous epoch's checkpoint.
+    fail_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.device == "mps" and self.num_workers != 1:
+            raise ConfigError(
+                f"device 'mps' trains on one worker (one Apple GPU), got num_workers={self.num_workers}"
+            )
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["recipe"] = {
+            "model": self.recipe.model.to_dict(),
+            "data": self.recipe.data.to_dict(),
+            "train": self.recipe.train.to_dict(),
+        }
+        return values
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run produced; `summary()` is the `--summary` JSON."""
+
+    run_name: str
+    model_dir: str
+    metrics: dict[str, float]
+    best_epoch: int
+    history: list[dict[str, float]]
+    started_at_epoch: int  # epoch the final worker group resumed from (0: from scratch)
+    worker_failures: int
+    wall_time_s: float
+    data: dict[str, Any]
+    evaluated_split: str | None
+    report_path: str | None
+    export_dir: str | None = None
+    tracking: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.data.get("synthetic"))
+
+    def summary(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["synthetic"] = self.synthetic
+        return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session
+
+
+def connect(*, num_cpus: int | None = None) -> bool:
+    """Attach to the Ray cluster this process belongs to, or start a local one.
+
+    `ray job submit` sets RAY_ADDRESS for its driver, so the same command runs on a laptop and
+    on a cluster. Returns True when the cluster is this machine (no RAY_ADDRESS): then the
+    machine's own CPUs and devices decide the defaults. A cluster started with token auth (the
+    default of Ray 2.60's `ray start --head`) needs RAY_AUTH_MODE=token and the token in
+    ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH) in the submitting shell.
+    """
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        # Node preemption cannot happen to a laptop; the watcher only adds log noise there.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus if local else None, logging_level=logging.WARNING)
+    return local
+
+
+def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:
+    """Locally, the machine's CPUs split between the workers; on a cluster 1 (nodes differ, so
+    the user says `--cpus-per-worker` there)."""
+    if not local:
+        return 1
+    return max(1, int(ray.available_resources().get("CPU", 1)) // num_workers)
+
+
+def check_device(job: TrainJob, *, local: bool) -> None:
+    """Fails fast, before any worker starts, when the asked accelerator cannot exist.
+
+    MPS always runs beside the driver (a local single worker). CUDA is checked here when the
+    cluster is this machine; a remote cluster may still be adding GPU nodes (autoscaling), so
+    there the workers check it when they start.
+    """
+    if job.device == "mps" or (job.device == "cuda" and local):
+        resolve_device(job.device)
+    if job.use_gpu and ray.cluster_resources().get("GPU", 0) < job.num_workers:
+        logger.warning(
+            "%d GPU worker(s) requested, the cluster has %d GPU(s) now: waiting for the "
+            "autoscaler to add GPU nodes",
+            job.num_workers,
+            int(ray.cluster_resources().get("GPU", 0)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker: data shard, (DDP) model, the shared loop, reports."""
+    job = _job_from_dict(config)
+    recipe = job.recipe
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(job.cpus_per_worker)
+    device = resolve_device("mps") if job.device == "mps" else ray.train.torch.get_device()
+
+    splits = prepare_dataset(recipe.data, job.cache_dir)
+    # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
+    worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
+    train_loader, valid_loader, _ = make_loaders(
+        replace(splits, test=[]), recipe.data, worker_train
+    )
+    if world > 1:
+        train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
+        valid_loader = _exact_shard(valid_loader, rank, world)
+
+    seed_everything(recipe.train.seed)  # identical initial weights on every rank
+    checkpoint = ray.train.get_checkpoint()
+    model = build_run_model(recipe, job.init_from if checkpoint is None else None)
+    if job.device == "mps":
+        model = model.to(device)
+    else:
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    run = TrainingRun(
+        model,
+        recipe.train,
+        steps_per_epoch=len(train_loader),
+        device=device,
+        mixer=batch_mixer(recipe.data, recipe.model.num_classes),
+    )
+    metadata = build_metadata(recipe, splits, name=job.run_name)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            load_checkpoint(checkpoint_dir, run)
+            metadata.history = read_metadata(checkpoint_dir).history
+    started_at = run.epoch
+    epoch_started = time.perf_counter()
+
+    def before_epoch(epoch: int) -> None:
+        nonlocal epoch_started
+        epoch_started = time.perf_counter()
+        # Randomness of an epoch is a function of (seed, rank, epoch): ranks augment
+        # differently, and a resumed or restarted run replays the epoch it would have run.
+        seed_everything(recipe.train.seed + 1_000_003 * rank + 7_919 * epoch)
+        if world > 1:
+            train_loader.sampler.set_epoch(epoch)
+        elif train_loader.generator is not None:
+            train_loader.generator.manual_seed(recipe.train.seed + epoch)
+
+    def on_epoch_end(metrics: dict[str, float]) -> None:
+        if job.fail_at_epoch == run.epoch and started_at == 0 and rank == world - 1:
+            raise InjectedFailure(f"injected failure on rank {rank} after epoch {run.epoch}")
+        metrics["epoch_wall_s"] = time.perf_counter() - epoch_started
+        metrics["epochs"] = recipe.train.epochs
+        metadata.history.append(dict(metrics))
+        metadata.metrics = dict(metrics)
+        with tempfile.TemporaryDirectory() as staging:
+            report_checkpoint = None
+            if rank == 0:
+                save_checkpoint(staging, run, metadata)
+                report_checkpoint = ray.train.Checkpoint.from_directory(staging)
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+
+    fit(run, train_loader, valid_loader, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
+    return {"started_at_epoch": started_at}
+
+
+def _exact_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    """Every rank-th image, no padding: all-reduced sums then count each image exactly once
+    (a DistributedSampler would repeat images to even out the shards)."""
+    dataset = loader.dataset
+    return DataLoader(
+        Subset(dataset, range(rank, len(dataset), world)),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _job_from_dict(values: dict[str, Any]) -> TrainJob:
+    from vitbirds.config import DataConfig, ModelConfig, TrainConfig
+
+    values = dict(values)
+    recipe = values.pop("recipe")
+    return TrainJob(
+        recipe=Recipe(
+            ModelConfig.from_dict(recipe["model"]),
+            DataConfig.from_dict(recipe["data"]),
+            TrainConfig.from_dict(recipe["train"]),
+        ),
+        **values,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: controller callback -> feed actor -> driver
+
+
+@ray.remote(num_cpus=0)
+class _ReportFeed:
+    """Holds rank 0's reports until the driver collects them."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def push(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict[str, Any]]:
+        items, self.items = self.items, []
+        return items
+
+
+class _ForwardReports(ray.train.UserCallback):
+    """Runs in the Train controller: forwards each consolidated report and worker failure."""
+
+    def __init__(self, feed: Any) -> None:
+        self.feed = feed
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        self.feed.push.remote({"kind": "epoch", "metrics": dict(metrics[0])})
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
+        errors = {rank: _first_line(error) for rank, error in worker_exceptions.items()}
+        self.feed.push.remote({"kind": "failure", "errors": errors})
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+class _Progress:
+    """Prints one line per epoch with an ETA and logs the metrics to the tracker."""
+
+    def __init__(self, tracker: Tracker, epochs: int, max_failures: int) -> None:
+        self.tracker = tracker
+        self.epochs = epochs
+        self.max_failures = max_failures
+        self.epoch_times: list[float] = []
+        self.failures = 0
+
+    def handle(self, item: dict[str, Any]) -> None:
+        if item["kind"] == "failure":
+            self.failures += 1
+            errors = "; ".join(f"rank {rank}: {text}" for rank, text in item["errors"].items())
+            allowed = "" if self.max_failures < 0 else f" of {self.max_failures} allowed"
+            print(
+                f"worker failure {self.failures}{allowed} ({errors}); Ray Train restarts the "
+                "workers from the latest checkpoint if any retry is left",
+                flush=True,
+            )
+            return
+        metrics = item["metrics"]
+        epoch = int(metrics["epoch"])
+        self.epoch_times.append(metrics.get("epoch_wall_s", 0.0))
+        eta = sum(self.epoch_times) / len(self.epoch_times) * (self.epochs - epoch)
+        print(format_epoch_line(metrics, self.epochs, eta), flush=True)
+        self.tracker.log_metrics(metrics, step=epoch)
+
+
+def format_epoch_line(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
+    width = len(str(epochs))
+    return (
+        f"epoch {int(metrics['epoch']):>{width}}/{epochs}"
+        f" | train loss {metrics['train_loss']:.3f} top1 {metrics['train_top1']:6.1%}"
+        f" | val loss {metrics['val_loss']:.3f} top1 {metrics['val_top1']:6.1%}"
+        f" top5 {metrics['val_top5']:6.1%}"
+        f" | lr {metrics['lr']:.2e} | {metrics['images_per_s']:.0f} img/s"
+        f" | {metrics.get('epoch_wall_s', 0.0):.1f} s/epoch | ETA {_duration(eta_s)}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _follow(feed: Any, handle: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+    while True:
+        stopping = stop.wait(0.5)
+        for item in ray.get(feed.drain.remote()):
+            handle(item)
+        if stopping:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_training(job: TrainJob) -> TrainOutcome:
+    """Trains `job` on the connected Ray cluster, evaluates and exports the best checkpoint."""
+    started = time.perf_counter()
+    splits = prepare_dataset(job.recipe.data, job.cache_dir)
+    job = replace(job, recipe=fit_recipe_to_data(job.recipe, splits))
+    logger.info("data: %s", data_label(splits))
+    if splits.synthetic:
+        print(f"SYNTHETIC DATA: {data_label(splits)}", flush=True)
+
+    storage = _storage_path(job.storage_path)
+    tracker = make_tracker(
+        job.tracker,
+        run_name=job.run_name,
+        storage_path=storage if not _is_uri(storage) else "runs",
+    )
+    try:
+        outcome = _train_and_export(job, splits, storage, tracker, started)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    return outcome
+
+
+def _train_and_export(
+    job: TrainJob, splits: DatasetSplits, storage: str, tracker: Tracker, started: float
+) -> TrainOutcome:
+    tracker.log_params({**job.to_dict(), "system": system_info(job)})
+    tracker.set_tags(
+        {
+            "run_name": job.run_name,
+            "synthetic": str(splits.synthetic).lower(),
+            "data.source": splits.source,
+            "data.fingerprint": splits.fingerprint(),
+        }
+    )
+    feed = _ReportFeed.remote()
+    progress = _Progress(tracker, job.recipe.train.epochs, job.max_failures)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.keep_checkpoints,
+                checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
+            callbacks=[_ForwardReports(feed)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(feed, progress.handle, stop), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as error:
+        raise _user_error(error) or error
+    finally:
+        stop.set()
+        follower.join()
+        ray.kill(feed)
+    if result.checkpoint is None:
+        raise ConfigError(f"run {job.run_name!r} reported no checkpoint; nothing to export")
+
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints,
+        key=lambda pair: (pair[1][SCORE_METRIC], -pair[1]["val_loss"]),
+    )
+    with result.checkpoint.as_directory() as latest_dir:
+        history = read_metadata(latest_dir).history
+    started_at = int((result.return_value or {}).get("started_at_epoch", 0))
+    if started_at == job.recipe.train.epochs:
+        print(f"run {job.run_name!r} had already trained all {started_at} epochs", flush=True)
+
+    with tempfile.TemporaryDirectory() as staging, best_checkpoint.as_directory() as best_dir:
+        staging = Path(staging)
+        loaded = load_model(best_dir)
+        metadata = loaded.metadata
+        metadata.history = history
+        metrics = {"best_epoch": int(best_metrics["epoch"])}
+        metrics.update({k: float(best_metrics[k]) for k in ("val_loss", "val_top1", "val_top5")})
+        evaluated_split = report_path = None
+        eval_dir = staging / "evaluation"
+        eval_dir.mkdir()
+        (eval_dir / "learning_curves.png").write_bytes(learning_curves_png(history))
+        if job.evaluate:
+            evaluated_split = "test" if splits.test else "valid"
+            result_eval = evaluate_model(
+                loaded,
+                splits.split(evaluated_split),
+                splits.classes,
+                split=evaluated_split,
+                data_label=data_label(splits),
+                data_synthetic=splits.synthetic,
+                device=resolve_device("mps" if job.device == "mps" else "auto"),
+            )
+            paths = write_report(result_eval, eval_dir)
+            confusion = result_eval.report.confusion
+            names = [row.name for row in result_eval.report.per_class]
+            (eval_dir / "confusion_matrix.png").write_bytes(confusion_png(confusion, names))
+            log_to_tracker(result_eval, paths, tracker)
+            summary = result_eval.report.summary()
+            metrics.update(
+                {
+                    f"{evaluated_split}_{key}": float(value)
+                    for key, value in summary.items()
+                    if isinstance(value, int | float) and not isinstance(value, bool)
+                }
+            )
+        metadata.metrics = metrics
+        save_model(staging / "model", loaded.model, metadata)
+        model_dir = _publish(staging / "model", f"{storage}/{job.run_name}/model")
+        eval_target = _publish(eval_dir, f"{storage}/{job.run_name}/evaluation")
+        if job.evaluate:
+            report_path = f"{eval_target}/report.html"
+        for image in ("learning_curves.png", "confusion_matrix.png"):
+            if (eval_dir / image).is_file():
+                tracker.log_artifact(eval_dir / image, "plots")
+        tracker.log_artifact(staging / "model", "model")
+        if job.export_dir:
+            _replace_model_dir(staging / "model", Path(job.export_dir))
+
+    tracker.log_metrics(metrics)
+    outcome = TrainOutcome(
+        run_name=job.run_name,
+        model_dir=model_dir,
+        metrics=metrics,
+        best_epoch=metrics["best_epoch"],
+        history=history,
+        started_at_epoch=started_at,
+        worker_failures=progress.failures,
+        wall_time_s=time.perf_counter() - started,
+        data=splits.describe(),
+        evaluated_split=evaluated_split,
+        report_path=report_path,
+        export_dir=job.export_dir,
+        tracking=_tracking_info(job, tracker),
+    )
+    tracker.set_tags({"model_dir": model_dir, "started_at_epoch": str(started_at)})
+    return outcome
+
+
+def _user_error(error: "ray.train.WorkerGroupError") -> VitbirdsError | None:
+    """A vitbirds error raised in a worker (missing device, unreadable data), re-raised as
+    itself so the CLI can print it as one line."""
+    for failure in error.worker_failures.values():
+        for candidate in (failure, getattr(failure, "cause", None), failure.__cause__):
+            if isinstance(candidate, VitbirdsError):
+                return candidate
+    return None
+
+
+def system_info(job: TrainJob) -> dict[str, Any]:
+    info = {
+        "device": job.device,
+        "num_workers": job.num_workers,
+        "cpus_per_worker": job.cpus_per_worker,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cluster_cpus": ray.cluster_resources().get("CPU", 0),
+        "cluster_gpus": ray.cluster_resources().get("GPU", 0),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["driver_gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _tracking_info(job: TrainJob, tracker: Tracker) -> dict[str, str]:
+    info = {"kind": job.tracker}
+    for attribute in ("tracking_uri", "run_id", "project"):
+        if hasattr(tracker, attribute):
+            info[attribute] = str(getattr(tracker, attribute))
+    return info
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _storage_path(path: str) -> str:
+    """Ray Train wants an absolute local path; URIs (gs://, s3://) pass through."""
+    return path.rstrip("/") if _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def _publish(local_dir: Path, target: str) -> str:
+    """Copies `local_dir` to `target` (a local path or a URI) and returns `target`."""
+    if not _is_uri(target):
+        _replace_dir(local_dir, Path(target))
+        return target
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(target)
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(
+        str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=filesystem,
+    )  # fmt: skip
+    return target
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fresh = target.with_name(f".{target.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(source, fresh)
+    shutil.rmtree(target, ignore_errors=True)
+    fresh.rename(target)
+
+
+def _replace_model_dir(source: Path, target: Path) -> None:
+    """`--export-dir`: overwrites a previous model directory, never an unrelated folder."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists() and any(target.iterdir()) and not (target / "metadata.json").is_file():
+        raise ConfigError(f"--export-dir {target} is not empty and holds no model: not replacing")
+    _replace_dir(source, target)
+
+
+def write_summary(outcome: TrainOutcome, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(outcome.summary(), indent=2, default=str) + "\n")
+    return path
+
+
+def describe_outcome(outcome: TrainOutcome) -> str:
+    """The closing lines: where the model is and how good it is."""
+    metrics = outcome.metrics
+    split = outcome.evaluated_split
+    lines = [f"model: {outcome.model_dir}" + (" (SYNTHETIC data)" if outcome.synthetic else "")]
+    lines.append(
+        f"best epoch {outcome.best_epoch}: val top1 {metrics['val_top1']:.1%} "
+        f"top5 {metrics['val_top5']:.1%}"
+    )
+    if split:
+        lines.append(
+            f"{split}: top1 {metrics[f'{split}_top1_accuracy']:.1%} "
+            f"top5 {metrics[f'{split}_top5_accuracy']:.1%} "
+            f"macro F1 {metrics[f'{split}_macro_f1']:.3f}  report: {outcome.report_path}"
+        )
+    if outcome.export_dir:
+        lines.append(f"exported copy: {outcome.export_dir}")
+    lines.append(f"wall time {_duration(outcome.wall_time_s)}")
+    return "\n".join(lines)
+

@@ -1,0 +1,120 @@
+"""Assemble a training run from a Recipe: dataset on disk, model, metadata. No Ray here.
+
+The Ray Train adapter (`vitbirds.ray_train`), the plain-loop benchmark and the tests build their
+runs from these helpers, so "which images, which model, what the model file says about them" has
+one definition whether a run is distributed or not.
+"""
+
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from vitbirds.config import DataConfig
+from vitbirds.data.sources import DatasetSplits, discover_dataset
+from vitbirds.data.synthetic import GENERATOR_VERSION, make_synthetic_dataset
+from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitbirds.model import build_model
+from vitbirds.modelfile import ModelMetadata
+from vitbirds.presets import Recipe
+from vitbirds.pretrained import init_from_timm
+
+logger = logging.getLogger(__name__)
+
+# Size of the generated dataset when the user names neither: 6 species, 60 images each.
+SYNTHETIC_CLASSES = 6
+SYNTHETIC_IMAGES_PER_CLASS = 60
+
+
+def default_cache_dir() -> Path:
+    """`$VITBIRDS_CACHE`, else ~/.cache/vitbirds: where generated data is kept between runs."""
+    return Path(os.environ.get("VITBIRDS_CACHE", Path.home() / ".cache" / "vitbirds"))
+
+
+def prepare_dataset(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> DatasetSplits:
+    """The labelled splits of `data_cfg.data_dir`, or of the synthetic dataset when it is None.
+
+    The synthetic dataset is generated once per parameter set under `cache_dir` and announced
+    with a warning: a model trained on it must never pass for a model of real birds.
+    """
+    if data_cfg.data_dir is not None:
+        return discover_dataset(
+            data_cfg.data_dir,
+            num_classes=data_cfg.num_classes,
+            images_per_class=data_cfg.images_per_class,
+            seed=data_cfg.seed,
+            valid_fraction=data_cfg.valid_fraction,
+        )
+    root = synthetic_dataset(data_cfg, Path(cache_dir or default_cache_dir()))
+    logger.warning(
+        "SYNTHETIC DATA: no --data-dir given, training on generated synthetic birds at %s "
+        "(metrics say nothing about real photos)",
+        root,
+    )
+    return discover_dataset(root, seed=data_cfg.seed, valid_fraction=data_cfg.valid_fraction)
+
+
+def synthetic_dataset(data_cfg: DataConfig, cache_dir: Path) -> Path:
+    """Generates (or reuses) the synthetic dataset `data_cfg` asks for; safe to call from several
+    processes at once: each writes a private folder and the first rename wins."""
+    num_classes = data_cfg.num_classes or SYNTHETIC_CLASSES
+    per_class = data_cfg.images_per_class or SYNTHETIC_IMAGES_PER_CLASS
+    # Rendered a little larger than the model input, as real photos are, so crops have pixels.
+    size = max(32, round(data_cfg.image_size * data_cfg.decode_scale))
+    name = f"synthetic-v{GENERATOR_VERSION}-c{num_classes}-n{per_class}-{size}px-s{data_cfg.seed}"
+    root = cache_dir / name
+    if root.is_dir():
+        return make_synthetic_dataset(
+            root, num_classes=num_classes, images_per_class=per_class, image_size=size,
+            seed=data_cfg.seed,
+        )  # fmt: skip
+    private = cache_dir / f".{name}.{os.getpid()}"
+    shutil.rmtree(private, ignore_errors=True)
+    make_synthetic_dataset(
+        private, num_classes=num_classes, images_per_class=per_class, image_size=size,
+        seed=data_cfg.seed,
+    )  # fmt: skip
+    try:
+        private.rename(root)
+    except OSError:  # another process finished first; its copy is byte-identical
+        shutil.rmtree(private, ignore_errors=True)
+    return root
+
+
+def fit_recipe_to_data(recipe: Recipe, splits: DatasetSplits) -> Recipe:
+    """A copy of `recipe` whose classifier has one output per class of `splits`."""
+    fitted = recipe.copy()
+    fitted.model = replace(fitted.model, num_classes=len(splits.classes))
+    return fitted
+
+
+def build_run_model(recipe: Recipe, init_from: str | Path | None = None) -> nn.Module:
+    """The recipe's ViT, optionally starting from a timm checkpoint the user has on disk."""
+    model = build_model(recipe.model)
+    if init_from is not None:
+        init_from_timm(model, init_from)
+    return model
+
+
+def data_label(splits: DatasetSplits) -> str:
+    """One human line naming the data, with SYNTHETIC up front when it is."""
+    sizes = ", ".join(f"{len(splits.split(name))} {name}" for name in ("train", "valid", "test"))
+    prefix = "SYNTHETIC " if splits.synthetic else ""
+    return f"{prefix}{splits.source} dataset {splits.root} ({len(splits.classes)} classes: {sizes})"
+
+
+def build_metadata(recipe: Recipe, splits: DatasetSplits, *, name: str) -> ModelMetadata:
+    """What the exported model directory records about itself besides the weights."""
+    return ModelMetadata(
+        model=recipe.model.to_dict(),
+        class_names=list(splits.classes),
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        image_size=recipe.model.image_size,
+        name=name,
+        data=splits.describe(),
+        extra={"data_config": recipe.data.to_dict(), "train_config": recipe.train.to_dict()},
+    )

@@ -17,6 +17,7 @@ success, 2 for a usage error (bad flag value, missing device or data), 1 if trai
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--data-dir", help="Kaggle bird-species layout or any ImageFolder tree")
     data.add_argument("--num-classes", type=int, help="seeded subset of the classes")
     data.add_argument("--images-per-class", type=int, help="seeded subset per class and split")
+    data.add_argument(
+        "--cache-dir", help="where generated data is kept (default ~/.cache/vitbirds)"
+    )
     train = parser.add_argument_group("training (default: the preset's)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, help="global batch, split across the workers")
@@ -73,31 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
-    """The preset with the flags the user gave written over it."""
+    """The preset with the flags the user gave written over it (and validated again)."""
     recipe = get_recipe(args.preset)
-    overrides = {
-        recipe.data: {
-            "data_dir": args.data_dir,
-            "num_classes": args.num_classes,
-            "images_per_class": args.images_per_class,
-            "seed": args.seed,
-        },
-        recipe.train: {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-        },
-        recipe.model: {"depth": args.depth},
-    }
-    for config, values in overrides.items():
-        for name, value in values.items():
-            if value is not None:
-                setattr(config, name, value)
-        config.__post_init__()  # validate the combination
-    if args.device != "cpu":
-        recipe.train.device = args.device
-    return recipe
+
+    def given(**values: object) -> dict[str, object]:
+        return {name: value for name, value in values.items() if value is not None}
+
+    data = given(
+        data_dir=args.data_dir, num_classes=args.num_classes,
+        images_per_class=args.images_per_class, seed=args.seed,
+    )  # fmt: skip
+    train = given(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    return Recipe(
+        model=replace(recipe.model, **given(depth=args.depth)),
+        data=replace(recipe.data, **data),
+        train=replace(recipe.train, **train, device=device_of(args)),
+    )
+
+
+def device_of(args: argparse.Namespace) -> str:
+    return "cuda" if args.use_gpu else args.device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from vitbirds import ray_train
 
-        device = "cuda" if args.use_gpu else args.device
-        if device == "mps":  # before starting Ray: Ray cannot give a worker an Apple GPU
-            from vitbirds.devices import resolve_device
-
-            resolve_device("mps")
         recipe = build_recipe(args)
-        local = ray_train.connect()
+        local = ray_train.cluster_is_local()
+        # Before starting Ray: a missing GPU is a usage error, not a hung placement group.
+        ray_train.check_device(recipe.train.device, local=local)
+        ray_train.connect()
         job = ray_train.TrainJob(
             recipe=recipe,
             run_name=args.run_name or f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
             storage_path=args.storage_path,
             num_workers=args.num_workers,
-            device=device,
+            device=recipe.train.device,
             cpus_per_worker=args.cpus_per_worker
             or ray_train.default_cpus_per_worker(args.num_workers, local=local),
             max_failures=args.max_failures,
@@ -127,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             tracker=args.tracker,
             evaluate=args.evaluate,
             export_dir=args.export_dir,
+            cache_dir=args.cache_dir,
         )
-        ray_train.check_device(job, local=local)
         print(
-            f"run {job.run_name}: {args.preset}, {job.num_workers} worker(s) on {device}, "
+            f"run {job.run_name}: {args.preset}, {job.num_workers} worker(s) on {job.device}, "
             f"{job.cpus_per_worker} CPU(s) each, storage {job.storage_path}",
             flush=True,
         )
@@ -138,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except VitbirdsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ray_train.TrainingFailedError as error:
+        print(f"error: training failed: {error}", file=sys.stderr)
+        return 1
     print(ray_train.describe_outcome(outcome), flush=True)
     if args.summary:
         print(f"summary: {ray_train.write_summary(outcome, args.summary)}", flush=True)

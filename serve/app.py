@@ -216,7 +216,9 @@ class Classifier:
         loaded = load_model(fetch_model_dir(settings.model_dir), device)
         self.predictor = BatchPredictor(loaded, device)
         self.batch_stats = BatchStats()
-        logger.info("Classifier: %s %s on %s", loaded.metadata.name, loaded.metadata.version, device)
+        logger.info(
+            "Classifier: %s %s on %s", loaded.metadata.name, loaded.metadata.version, device
+        )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batching knobs from user_config, changeable without restarting the replica."""
@@ -245,9 +247,7 @@ class AttentionExplainer:
         self.loaded = load_model(fetch_model_dir(settings.model_dir), self.device)
 
     async def explain(self, image: torch.Tensor, display: Any) -> bytes:
-        return await asyncio.to_thread(
-            render_explanation, self.loaded, image, display, self.device
-        )
+        return await asyncio.to_thread(render_explanation, self.loaded, image, display, self.device)
 
 
 _UPLOAD_BODY = {
@@ -308,9 +308,7 @@ class Ingress:
         except ImageDecodeError as exc:
             raise _decode_rejection(exc) from exc
 
-    def _record(
-        self, output: ClassifierOutput, k: int | None, endpoint: str
-    ) -> PredictResponse:
+    def _record(self, output: ClassifierOutput, k: int | None, endpoint: str) -> PredictResponse:
         """The response for one prediction; appends it to the log and the metrics."""
         request_id = uuid.uuid4().hex
         predictions = top_k(

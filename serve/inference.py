@@ -26,7 +26,11 @@ class ImagePreprocessor:
     """Decodes uploads for one model; raises ImageDecodeError saying why a file is refused."""
 
     def __init__(
-        self, metadata: ModelMetadata, *, max_pixels: int = DEFAULT_MAX_PIXELS, display_size: int = 224
+        self,
+        metadata: ModelMetadata,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        display_size: int = 224,
     ) -> None:
         self.max_pixels = max_pixels
         self.decode_size = round(metadata.image_size * EVAL_RESIZE_SCALE)

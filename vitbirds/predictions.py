@@ -16,8 +16,8 @@ distances survive, the log stays small); anyone who wants comparable vectors (e.
 profile from the training set) projects with `EmbeddingProjector(dim)` and the same seed. A feedback
 line attaches a true label to an earlier prediction by its request id; the last one wins.
 
-Lines are written with one `write` on a file opened for appending, so several writers on one host
-do not interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
+Each line is one `write` to a file opened for appending, so several writers on one host do not
+interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
 """
 
 import json

@@ -66,6 +66,7 @@ from vitbirds.training import TrainingRun, fit, load_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 SCORE_METRIC = "val_top1"
+TrainingFailedError = ray.train.TrainingFailedError
 DEVICES = ("cpu", "cuda", "mps")
 
 
@@ -101,7 +102,8 @@ class TrainJob:
             raise ConfigError(f"num_workers must be at least 1, got {self.num_workers}")
         if self.device == "mps" and self.num_workers != 1:
             raise ConfigError(
-                f"device 'mps' trains on one worker (one Apple GPU), got num_workers={self.num_workers}"
+                "device 'mps' trains on one worker (one Apple GPU), "
+                f"got num_workers={self.num_workers}"
             )
         if self.cpus_per_worker < 1:
             raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
@@ -132,6 +134,7 @@ class TrainOutcome:
     best_epoch: int
     history: list[dict[str, float]]
     started_at_epoch: int  # epoch the final worker group resumed from (0: from scratch)
+    epochs_run: list[int]  # epochs reported by this invocation, in order (restarts included)
     worker_failures: int
     wall_time_s: float
     data: dict[str, Any]
@@ -154,22 +157,35 @@ class TrainOutcome:
 # Ray session
 
 
-def connect(*, num_cpus: int | None = None) -> bool:
+def cluster_is_local() -> bool:
+    """True unless RAY_ADDRESS names a cluster (`ray job submit` sets it for its driver): then
+    this machine's CPUs and devices decide the defaults and the device check."""
+    return os.environ.get("RAY_ADDRESS", "") in ("", "local")
+
+
+def check_device(device: str, *, local: bool) -> None:
+    """Raises DeviceUnavailableError before any worker starts when the accelerator is missing.
+
+    MPS always runs beside the driver (one local worker). CUDA is checked when the cluster is
+    this machine; a remote cluster may still be adding GPU nodes (autoscaling), so there each
+    worker checks when it starts.
+    """
+    if device == "mps" or (device == "cuda" and local):
+        resolve_device(device)
+
+
+def connect() -> None:
     """Attach to the Ray cluster this process belongs to, or start a local one.
 
-    `ray job submit` sets RAY_ADDRESS for its driver, so the same command runs on a laptop and
-    on a cluster. Returns True when the cluster is this machine (no RAY_ADDRESS): then the
-    machine's own CPUs and devices decide the defaults. A cluster started with token auth (the
-    default of Ray 2.60's `ray start --head`) needs RAY_AUTH_MODE=token and the token in
-    ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH) in the submitting shell.
+    The same command then runs on a laptop and under `ray job submit`. A cluster with token
+    auth (Ray 2.60's `ray start --head` default) needs RAY_AUTH_MODE=token and the token
+    (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) in the submitting shell; nothing here turns it off.
     """
-    local = not os.environ.get("RAY_ADDRESS")
-    if local:
-        # Node preemption cannot happen to a laptop; the watcher only adds log noise there.
+    if cluster_is_local():
+        # Node preemption cannot happen to one machine; the watcher only adds log noise there.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus if local else None, logging_level=logging.WARNING)
-    return local
+        ray.init(logging_level=logging.WARNING)
 
 
 def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:
@@ -178,24 +194,6 @@ def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:
     if not local:
         return 1
     return max(1, int(ray.available_resources().get("CPU", 1)) // num_workers)
-
-
-def check_device(job: TrainJob, *, local: bool) -> None:
-    """Fails fast, before any worker starts, when the asked accelerator cannot exist.
-
-    MPS always runs beside the driver (a local single worker). CUDA is checked here when the
-    cluster is this machine; a remote cluster may still be adding GPU nodes (autoscaling), so
-    there the workers check it when they start.
-    """
-    if job.device == "mps" or (job.device == "cuda" and local):
-        resolve_device(job.device)
-    if job.use_gpu and ray.cluster_resources().get("GPU", 0) < job.num_workers:
-        logger.warning(
-            "%d GPU worker(s) requested, the cluster has %d GPU(s) now: waiting for the "
-            "autoscaler to add GPU nodes",
-            job.num_workers,
-            int(ray.cluster_resources().get("GPU", 0)),
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +209,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job.cpus_per_worker)
     device = resolve_device("mps") if job.device == "mps" else ray.train.torch.get_device()
 
-    splits = prepare_dataset(recipe.data, job.cache_dir)
+    # Ray Train routes a few of its INFO lines (one per report) through the root logger.
+    logging.getLogger().setLevel(logging.WARNING)
+    splits = prepare_dataset(recipe.data, job.cache_dir, announce=False)
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
     worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
     train_loader, valid_loader, _ = make_loaders(
@@ -224,10 +224,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
     model = build_run_model(recipe, job.init_from if checkpoint is None else None)
-    if job.device == "mps":
-        model = model.to(device)
-    else:
-        model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    # prepare_model moves to Ray's device (CPU or this worker's GPU) and wraps DDP if world > 1.
+    mps = job.device == "mps"
+    model = model.to(device) if mps else ray.train.torch.prepare_model(model)
     run = TrainingRun(
         model,
         recipe.train,
@@ -258,7 +257,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if job.fail_at_epoch == run.epoch and started_at == 0 and rank == world - 1:
             raise InjectedFailure(f"injected failure on rank {rank} after epoch {run.epoch}")
         metrics["epoch_wall_s"] = time.perf_counter() - epoch_started
-        metrics["epochs"] = recipe.train.epochs
         metadata.history.append(dict(metrics))
         metadata.metrics = dict(metrics)
         with tempfile.TemporaryDirectory() as staging:
@@ -325,11 +323,19 @@ class _ForwardReports(ray.train.UserCallback):
         self.feed = feed
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        self.feed.push.remote({"kind": "epoch", "metrics": dict(metrics[0])})
+        self._push({"kind": "epoch", "metrics": dict(metrics[0])})
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
         errors = {rank: _first_line(error) for rank, error in worker_exceptions.items()}
-        self.feed.push.remote({"kind": "failure", "errors": errors})
+        self._push({"kind": "failure", "errors": errors})
+
+    def _push(self, item: dict[str, Any]) -> None:
+        # Waited for, so the item is in the feed before fit() returns and the driver's last drain;
+        # a lost progress line must never fail the training run, hence the broad except.
+        try:
+            ray.get(self.feed.push.remote(item), timeout=30)
+        except Exception as error:
+            logger.warning("progress report lost: %s", error)
 
 
 def _first_line(error: BaseException) -> str:
@@ -345,6 +351,7 @@ class _Progress:
         self.epochs = epochs
         self.max_failures = max_failures
         self.epoch_times: list[float] = []
+        self.epochs_run: list[int] = []
         self.failures = 0
 
     def handle(self, item: dict[str, Any]) -> None:
@@ -360,6 +367,7 @@ class _Progress:
             return
         metrics = item["metrics"]
         epoch = int(metrics["epoch"])
+        self.epochs_run.append(epoch)
         self.epoch_times.append(metrics.get("epoch_wall_s", 0.0))
         eta = sum(self.epoch_times) / len(self.epoch_times) * (self.epochs - epoch)
         print(format_epoch_line(metrics, self.epochs, eta), flush=True)
@@ -407,8 +415,6 @@ def run_training(job: TrainJob) -> TrainOutcome:
     splits = prepare_dataset(job.recipe.data, job.cache_dir)
     job = replace(job, recipe=fit_recipe_to_data(job.recipe, splits))
     logger.info("data: %s", data_label(splits))
-    if splits.synthetic:
-        print(f"SYNTHETIC DATA: {data_label(splits)}", flush=True)
 
     storage = _storage_path(job.storage_path)
     tracker = make_tracker(
@@ -437,6 +443,14 @@ def _train_and_export(
             "data.fingerprint": splits.fingerprint(),
         }
     )
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if job.use_gpu and gpus < job.num_workers:
+        logger.warning(
+            "%d GPU worker(s) requested, the cluster has %d GPU(s) now: waiting for the "
+            "autoscaler to add GPU nodes",
+            job.num_workers,
+            gpus,
+        )
     feed = _ReportFeed.remote()
     progress = _Progress(tracker, job.recipe.train.epochs, job.max_failures)
     trainer = ray.train.torch.TorchTrainer(
@@ -445,7 +459,10 @@ def _train_and_export(
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
             use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+            resources_per_worker={
+                "CPU": job.cpus_per_worker,
+                **({"GPU": 1} if job.use_gpu else {}),
+            },
         ),
         run_config=ray.train.RunConfig(
             name=job.run_name,
@@ -466,7 +483,10 @@ def _train_and_export(
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as error:
-        raise _user_error(error) or error
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        raise user_error from error
     finally:
         stop.set()
         follower.join()
@@ -540,6 +560,7 @@ def _train_and_export(
         best_epoch=metrics["best_epoch"],
         history=history,
         started_at_epoch=started_at,
+        epochs_run=progress.epochs_run,
         worker_failures=progress.failures,
         wall_time_s=time.perf_counter() - started,
         data=splits.describe(),
@@ -657,4 +678,3 @@ def describe_outcome(outcome: TrainOutcome) -> str:
         lines.append(f"exported copy: {outcome.export_dir}")
     lines.append(f"wall time {_duration(outcome.wall_time_s)}")
     return "\n".join(lines)
-

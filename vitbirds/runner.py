@@ -34,11 +34,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITBIRDS_CACHE", Path.home() / ".cache" / "vitbirds"))
 
 
-def prepare_dataset(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> DatasetSplits:
+def prepare_dataset(
+    data_cfg: DataConfig, cache_dir: str | Path | None = None, *, announce: bool = True
+) -> DatasetSplits:
     """The labelled splits of `data_cfg.data_dir`, or of the synthetic dataset when it is None.
 
     The synthetic dataset is generated once per parameter set under `cache_dir` and announced
-    with a warning: a model trained on it must never pass for a model of real birds.
+    with a warning (`announce`; workers leave it to the driver): a model trained on it must never
+    pass for a model of real birds.
     """
     if data_cfg.data_dir is not None:
         return discover_dataset(
@@ -49,11 +52,12 @@ def prepare_dataset(data_cfg: DataConfig, cache_dir: str | Path | None = None) -
             valid_fraction=data_cfg.valid_fraction,
         )
     root = synthetic_dataset(data_cfg, Path(cache_dir or default_cache_dir()))
-    logger.warning(
-        "SYNTHETIC DATA: no --data-dir given, training on generated synthetic birds at %s "
-        "(metrics say nothing about real photos)",
-        root,
-    )
+    if announce:
+        logger.warning(
+            "SYNTHETIC DATA: no data directory given, using generated synthetic birds at %s "
+            "(their metrics say nothing about real photos)",
+            root,
+        )
     return discover_dataset(root, seed=data_cfg.seed, valid_fraction=data_cfg.valid_fraction)
 
 
@@ -102,8 +106,8 @@ def build_run_model(recipe: Recipe, init_from: str | Path | None = None) -> nn.M
 def data_label(splits: DatasetSplits) -> str:
     """One human line naming the data, with SYNTHETIC up front when it is."""
     sizes = ", ".join(f"{len(splits.split(name))} {name}" for name in ("train", "valid", "test"))
-    prefix = "SYNTHETIC " if splits.synthetic else ""
-    return f"{prefix}{splits.source} dataset {splits.root} ({len(splits.classes)} classes: {sizes})"
+    what = "SYNTHETIC birds generated" if splits.synthetic else f"{splits.source} dataset"
+    return f"{what} at {splits.root} ({len(splits.classes)} classes: {sizes})"
 
 
 def build_metadata(recipe: Recipe, splits: DatasetSplits, *, name: str) -> ModelMetadata:

@@ -70,7 +70,16 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        # A SQLite store would put artifacts under ./mlruns of the *current* directory.
+        artifacts = None
+        if tracking_uri.startswith("sqlite:///"):
+            store = Path(tracking_uri.removeprefix("sqlite:///"))
+            artifacts = (store.parent / "mlartifacts").as_uri()
+        experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifacts)
+        )
         self.experiment_id = experiment_id
         tags = {"mlflow.runName": run_name}
         if parent_run_id:
@@ -174,8 +183,11 @@ class NeptuneTracker:
 
 
 def default_mlflow_uri(storage_path: str | Path) -> str:
-    """A local MLflow store under the run's storage folder (`mlflow ui --backend-store-uri ...`)."""
-    return (Path(storage_path).expanduser().resolve() / "mlruns").as_uri()
+    """A local MLflow store under the run's storage folder (`mlflow ui --backend-store-uri ...`).
+
+    SQLite, not ./mlruns files: MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE.
+    """
+    return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
 
 
 def make_tracker(

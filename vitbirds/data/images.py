@@ -32,10 +32,10 @@ def load_rgb(
     reduced DCT scale (`Image.draft`), which is what makes decoding a dataset once cheap.
     Images declaring more than `max_pixels` are refused before any pixel is decoded.
     """
-    name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
     if isinstance(source, bytes | bytearray):
-        data = bytes(source)
+        name, data = "<bytes>", bytes(source)
     else:
+        name = str(source)
         try:
             data = Path(source).read_bytes()
         except OSError as exc:

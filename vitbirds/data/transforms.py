@@ -99,9 +99,11 @@ class ToNormalizedFloat:
         scale = contrast * brightness / 255.0
         to_gray = (1 - saturation) * scale
         matrix = torch.tensor(
-            [[to_gray * w + (saturation * scale if i == j else 0.0) for j, w in enumerate(LUMA)]
-             for i in range(3)]
-        )  # fmt: skip
+            [
+                [to_gray * w + (saturation * scale if i == j else 0.0) for j, w in enumerate(LUMA)]
+                for i in range(3)
+            ]
+        )
         offset = torch.full((3, 1), (1 - contrast) * mean_gray)
         flat = torch.addmm(offset, matrix, image.reshape(3, -1))
         return flat.view(image.shape).clamp_(0.0, 1.0)

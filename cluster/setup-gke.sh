@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# From a Google Cloud project to a GKE cluster that `kubectl apply -k cluster` (or Cloud Build)
+# can deploy vitbirds to: Artifact Registry, the bucket, the cluster with a GPU node pool, the
+# KubeRay operator, Workload Identity for the Ray pods, the Ray auth token, and a service account
+# for Cloud Build.
+#
+# Idempotent: each step looks before it creates, so rerun it after a failure or to add what is
+# missing. Every value is a variable with a default; override any of them in the environment:
+#   PROJECT_ID=my-project GPU_TYPE=nvidia-tesla-t4 GPU_MACHINE=n1-standard-8 cluster/setup-gke.sh
+# Needs gcloud (logged in), kubectl, openssl, and helm when KUBERAY_INSTALL=helm.
+set -euo pipefail
+
+PROJECT_ID="${PROJECT_ID:-$(gcloud config get-value project 2>/dev/null)}"
+REGION="${REGION:-us-central1}"            # Artifact Registry and the bucket
+ZONE="${ZONE:-us-central1-a}"              # the cluster (zonal: one free control plane)
+CLUSTER="${CLUSTER:-vitbirds}"
+REPOSITORY="${REPOSITORY:-vitbirds}"       # Artifact Registry repository for the image
+BUCKET="${BUCKET:-${PROJECT_ID}-vitbirds}" # data, runs, models; mounted at /mnt/vitbirds
+NAMESPACE="${NAMESPACE:-vitbirds}"         # must match cluster/kustomization.yaml
+KSA="${KSA:-vitbirds-ray}"                 # the Ray pods' ServiceAccount (cluster/storage.yaml)
+TOKEN_SECRET="${TOKEN_SECRET:-vitbirds-ray-token}"  # authOptions.secretName in cluster/*.yaml
+BUILD_SA="${BUILD_SA:-vitbirds-build}"     # Cloud Build runs as this service account
+CPU_MACHINE="${CPU_MACHINE:-e2-standard-8}"
+CPU_MAX_NODES="${CPU_MAX_NODES:-4}"
+# The manifests' GPU nodeSelector says nvidia-l4: change both together.
+GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
+GPU_MACHINE="${GPU_MACHINE:-g2-standard-8}"
+GPU_MAX_NODES="${GPU_MAX_NODES:-4}"
+# helm: the pinned KubeRay version whose CRDs the tests validate against. addon: GKE's managed
+# Ray operator, whose version follows GKE's (checked below for the fields the manifests need).
+KUBERAY_INSTALL="${KUBERAY_INSTALL:-helm}"
+KUBERAY_VERSION="${KUBERAY_VERSION:-1.7.1}"
+
+log() { printf '\n== %s\n' "$*"; }
+die() { printf 'setup-gke: %s\n' "$*" >&2; exit 1; }
+
+[[ -n "$PROJECT_ID" ]] || die "set PROJECT_ID (or gcloud config set project ...)"
+[[ "$KUBERAY_INSTALL" == helm || "$KUBERAY_INSTALL" == addon ]] \
+  || die "KUBERAY_INSTALL must be helm or addon, not '$KUBERAY_INSTALL'"
+gc=(--project "$PROJECT_ID")
+
+log "APIs"
+gcloud services enable "${gc[@]}" container.googleapis.com artifactregistry.googleapis.com \
+  cloudbuild.googleapis.com storage.googleapis.com
+
+log "Artifact Registry repository $REPOSITORY in $REGION"
+if ! gcloud artifacts repositories describe "$REPOSITORY" "${gc[@]}" --location "$REGION" \
+  >/dev/null 2>&1; then
+  gcloud artifacts repositories create "$REPOSITORY" "${gc[@]}" --location "$REGION" \
+    --repository-format docker --description "vitbirds images"
+fi
+
+log "bucket gs://$BUCKET"
+if ! gcloud storage buckets describe "gs://$BUCKET" "${gc[@]}" >/dev/null 2>&1; then
+  gcloud storage buckets create "gs://$BUCKET" "${gc[@]}" --location "$REGION" \
+    --uniform-bucket-level-access
+fi
+
+log "GKE cluster $CLUSTER in $ZONE"
+addons=GcsFuseCsiDriver
+[[ "$KUBERAY_INSTALL" == addon ]] && addons+=,RayOperator
+if ! gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" >/dev/null 2>&1; then
+  gcloud container clusters create "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+    --release-channel regular \
+    --workload-pool "$PROJECT_ID.svc.id.goog" \
+    --addons "$addons" \
+    --enable-managed-prometheus \
+    --machine-type "$CPU_MACHINE" \
+    --num-nodes 1 --enable-autoscaling --min-nodes 1 --max-nodes "$CPU_MAX_NODES"
+else
+  # An existing cluster: turn on what the manifests rely on, if it is off.
+  enabled() {
+    gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" --format "value($1)"
+  }
+  [[ "$(enabled workloadIdentityConfig.workloadPool)" == "$PROJECT_ID.svc.id.goog" ]] \
+    || gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+      --workload-pool "$PROJECT_ID.svc.id.goog"
+  [[ "$(enabled addonsConfig.gcsFuseCsiDriverConfig.enabled)" == True ]] \
+    || gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+      --update-addons GcsFuseCsiDriver=ENABLED
+  [[ "$(enabled monitoringConfig.managedPrometheusConfig.enabled)" == True ]] \
+    || gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+      --enable-managed-prometheus
+  if [[ "$KUBERAY_INSTALL" == addon ]]; then
+    [[ "$(enabled addonsConfig.rayOperatorConfig.enabled)" == True ]] \
+      || gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+        --update-addons RayOperator=ENABLED
+  fi
+fi
+
+log "GPU node pool ($GPU_TYPE on $GPU_MACHINE, 0..$GPU_MAX_NODES nodes)"
+if ! gcloud container node-pools describe gpu "${gc[@]}" --cluster "$CLUSTER" --zone "$ZONE" \
+  >/dev/null 2>&1; then
+  # Starts at zero nodes: Ray's autoscaler asks for a GPU pod, GKE's autoscaler adds the node.
+  gcloud container node-pools create gpu "${gc[@]}" --cluster "$CLUSTER" --zone "$ZONE" \
+    --machine-type "$GPU_MACHINE" \
+    --accelerator "type=$GPU_TYPE,count=1,gpu-driver-version=latest" \
+    --workload-metadata GKE_METADATA \
+    --num-nodes 0 --enable-autoscaling --min-nodes 0 --max-nodes "$GPU_MAX_NODES"
+fi
+
+gcloud container clusters get-credentials "$CLUSTER" "${gc[@]}" --zone "$ZONE"
+
+if [[ "$KUBERAY_INSTALL" == helm ]]; then
+  log "KubeRay operator $KUBERAY_VERSION (Helm)"
+  helm repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-update
+  helm upgrade --install kuberay-operator kuberay/kuberay-operator \
+    --version "$KUBERAY_VERSION" --namespace kuberay-system --create-namespace --wait
+  # Helm installs CRDs on the first install only; apply this version's so an upgrade gets them.
+  kubectl apply --server-side --force-conflicts \
+    -k "github.com/ray-project/kuberay/ray-operator/config/crd?ref=v$KUBERAY_VERSION"
+fi
+
+log "check the installed KubeRay CRDs"
+# An older CRD would silently drop authOptions, and the clusters would run without token auth.
+auth_field="$(kubectl get crd rayclusters.ray.io -o jsonpath='{.spec.versions[?(@.name=="v1")].schema.openAPIV3Schema.properties.spec.properties.authOptions.type}')"
+[[ "$auth_field" == object ]] \
+  || die "the RayCluster CRD has no authOptions (KubeRay older than 1.5.1): use KUBERAY_INSTALL=helm"
+
+log "namespace $NAMESPACE and the Ray auth token"
+kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
+if ! kubectl -n "$NAMESPACE" get secret "$TOKEN_SECRET" >/dev/null 2>&1; then
+  # Created once and never rotated by a rerun; the token goes through a pipe, not argv.
+  openssl rand -hex 32 | tr -d '\n' \
+    | kubectl -n "$NAMESPACE" create secret generic "$TOKEN_SECRET" --from-file=auth_token=/dev/stdin
+fi
+
+log "Workload Identity: $NAMESPACE/$KSA may read and write gs://$BUCKET"
+project_number="$(gcloud projects describe "$PROJECT_ID" --format 'value(projectNumber)')"
+ksa_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$NAMESPACE/sa/$KSA"
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
+  --member "$ksa_member" --role roles/storage.objectUser >/dev/null
+
+log "Cloud Build service account $BUILD_SA"
+build_sa="$BUILD_SA@$PROJECT_ID.iam.gserviceaccount.com"
+if ! gcloud iam service-accounts describe "$build_sa" "${gc[@]}" >/dev/null 2>&1; then
+  gcloud iam service-accounts create "$BUILD_SA" "${gc[@]}" --display-name "vitbirds Cloud Build"
+fi
+for role in roles/container.developer roles/logging.logWriter; do
+  gcloud projects add-iam-policy-binding "$PROJECT_ID" --member "serviceAccount:$build_sa" \
+    --role "$role" --condition None >/dev/null
+done
+gcloud artifacts repositories add-iam-policy-binding "$REPOSITORY" "${gc[@]}" \
+  --location "$REGION" --member "serviceAccount:$build_sa" --role roles/artifactregistry.writer \
+  >/dev/null
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
+  --member "serviceAccount:$build_sa" --role roles/storage.objectUser >/dev/null
+
+log "done"
+cat <<EOF
+Cluster $CLUSTER is ready. Next (cluster/README.md has the details):
+  gcloud storage cp -r ../shared/data/cub100 gs://$BUCKET/data/
+  gcloud builds submit --config cloudbuild.yaml \\
+    --substitutions=_BUCKET=$BUCKET,_REGION=$REGION,_ZONE=$ZONE,_CLUSTER=$CLUSTER,_REPOSITORY=$REPOSITORY,_TAG=\$(git rev-parse --short HEAD) \\
+    --service-account=projects/$PROJECT_ID/serviceAccounts/$build_sa
+EOF

@@ -1,0 +1,89 @@
+"""Helpers the tests and jobs/bench_serve.py share: a model directory to serve and the app started
+on a local port. Kept here, beside the app, so both start it the same way."""
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+from ray import serve
+
+from serve.app import build_app
+from serve.schemas import ServeSettings
+from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitbirds.model import build_model
+from vitbirds.modelfile import ModelMetadata, save_model
+from vitbirds.presets import get_recipe
+
+DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
+
+
+def photo_classes(split_dir: Path) -> list[str]:
+    """Class names of an ImageFolder split (its sub-directories), sorted."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
+
+def make_model_dir(
+    model_dir: Path, class_names: list[str], *, preset: str = "vit-test", seed: int = 0
+) -> Path:
+    """An exported model with random weights: enough to check that serving computes what the
+    model computes, and to time it."""
+    config = get_recipe(preset).model
+    config.num_classes = len(class_names)
+    torch.manual_seed(seed)
+    metadata = ModelMetadata(
+        model=config.to_dict(),
+        class_names=class_names,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        image_size=config.image_size,
+        name=f"{preset}-random",
+        version=f"seed{seed}",
+        data={"source": "none", "synthetic": False},
+    )
+    return save_model(model_dir, build_model(config), metadata)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deployment_options(num_cpus: float, **per_deployment: dict[str, Any]) -> dict[str, dict]:
+    """`num_cpus` for every replica (fractions let three fit on a small machine) plus overrides."""
+    options: dict[str, dict] = {}
+    for name in DEPLOYMENTS:
+        options[name] = {
+            "ray_actor_options": {"num_cpus": num_cpus},
+            **per_deployment.get(name, {}),
+        }
+    return options
+
+
+def start_app(
+    settings: ServeSettings,
+    options: dict[str, dict] | None = None,
+    *,
+    port: int | None = None,
+    name: str = "vitbirds",
+    timeout_s: float = 120.0,
+) -> str:
+    """Runs the app on the connected Ray, serving HTTP on 127.0.0.1; returns the base URL once
+    /healthz answers."""
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings, options), name=name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return url
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the app did not become healthy at {url} in {timeout_s} s")
+        time.sleep(0.5)

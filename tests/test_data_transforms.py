@@ -1,0 +1,121 @@
+"""Train/eval transforms and batch mixing: shapes, determinism, and the maths of the jitter."""
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from vitbirds.config import DataConfig
+from vitbirds.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ToNormalizedFloat,
+    batch_mixer,
+    eval_transform,
+    mix_batch,
+    train_transform,
+)
+from vitbirds.errors import ConfigError
+
+
+@pytest.fixture
+def photo() -> torch.Tensor:
+    """A uint8 [3, 90, 120] image with structure (so crops and flips change it)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8, generator=generator)
+
+
+def test_train_transform_gives_normalised_float_images_of_image_size(photo):
+    transform = train_transform(DataConfig(image_size=48))
+    out = transform(photo)
+    assert out.shape == (3, 48, 48) and out.dtype == torch.float32
+    assert type(out) is torch.Tensor  # no tv_tensors subclass leaks into batches
+    pil = Image.fromarray(photo.permute(1, 2, 0).numpy())
+    assert transform(pil).shape == (3, 48, 48)
+
+
+def test_train_transform_is_random(photo):
+    transform = train_transform(DataConfig(image_size=48))
+    torch.manual_seed(0)
+    first, second = transform(photo), transform(photo)
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(transform(photo), first)  # but seeded by torch's generator
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"randaugment": True}, {"trivialaugment": True}, {"color_jitter": 0.0}],
+)
+def test_train_transform_options_keep_the_output_shape(photo, options):
+    out = train_transform(DataConfig(image_size=32, **options))(photo)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_random_erasing_blanks_a_region(photo):
+    torch.manual_seed(0)
+    erased = train_transform(DataConfig(image_size=32, random_erasing=1.0))(photo)
+    plain = train_transform(DataConfig(image_size=32))(photo)
+    assert (erased == 0).sum() >= 3 * 4  # the erased box is exactly 0 in every channel
+    assert (plain == 0).sum() == 0
+
+
+def test_eval_transform_is_deterministic_and_same_for_pil_and_tensor(photo):
+    transform = eval_transform(64)
+    first = transform(photo)
+    assert first.shape == (3, 64, 64)
+    assert torch.equal(transform(photo), first)
+    pil = Image.fromarray(photo.permute(1, 2, 0).numpy())
+    assert torch.equal(transform(pil), first)
+
+
+def test_eval_transform_normalises_with_the_given_mean_and_std():
+    gray = torch.full((3, 80, 80), 128, dtype=torch.uint8)
+    out = eval_transform(64, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))(gray)
+    expected = [(128 / 255 - 0.5) / 0.5, (128 / 255 - 0.25) / 0.25, 128 / 255]
+    assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
+    default = eval_transform(64)(gray).mean(dim=(1, 2))
+    imagenet = [(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    assert torch.allclose(default, torch.tensor(imagenet), atol=1e-5)
+
+
+def test_jitter_equals_torchvision_brightness_contrast_saturation_when_nothing_clips():
+    image = (torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(1)) * 100 + 80).round()
+    image = image.to(torch.uint8)
+    torch.manual_seed(3)
+    ours = ToNormalizedFloat((0, 0, 0), (1, 1, 1), jitter=0.2)(image)
+    torch.manual_seed(3)
+    brightness, contrast, saturation = torch.empty(3).uniform_(0.8, 1.2).tolist()
+    reference = F.to_dtype(image, torch.float32, scale=True)
+    reference = F.adjust_brightness(reference, brightness)
+    reference = F.adjust_contrast(reference, contrast)
+    reference = F.adjust_saturation(reference, saturation)
+    assert not torch.allclose(reference, image / 255.0, atol=1e-2)  # it did change the image
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_normalisation_refuses_float_input():
+    with pytest.raises(TypeError, match="uint8"):
+        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.rand(3, 8, 8))
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mix_batch_returns_soft_targets(mixup, cutmix):
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 16, 16)
+    labels = torch.arange(8) % 4
+    mixed, targets = mix_batch(images, labels, num_classes=4, mixup=mixup, cutmix=cutmix)
+    assert mixed.shape == images.shape
+    assert targets.shape == (8, 4)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(8))
+    assert (targets.max(dim=1).values < 1).any()  # some probability moved to another class
+
+
+def test_mix_batch_needs_an_alpha_and_batch_mixer_is_none_without_one():
+    with pytest.raises(ConfigError):
+        mix_batch(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), num_classes=2)
+    assert batch_mixer(DataConfig(), num_classes=3) is None
+    mixer = batch_mixer(DataConfig(mixup=0.5), num_classes=3)
+    assert mixer is not None
+    _, targets = mixer(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert targets.shape == (4, 3)

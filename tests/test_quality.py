@@ -1,0 +1,207 @@
+"""The small-data options do what they claim, and all of them together still learn."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitbirds.baselines import build_classifier
+from vitbirds.config import DataConfig, ModelConfig, TrainConfig
+from vitbirds.data import batch_mixer, discover_dataset, make_loaders, make_synthetic_dataset
+from vitbirds.errors import ConfigError
+from vitbirds.model import VisionTransformer
+from vitbirds.modelfile import ModelMetadata, load_model, save_model
+from vitbirds.presets import get_recipe
+from vitbirds.training import TrainingRun, fit, seed_everything
+
+SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)
+
+
+def _images(batch: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _loader(num_classes: int = 5, size: int = 32) -> DataLoader:
+    labels = torch.arange(40) % num_classes
+    images = torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return DataLoader(TensorDataset(images + labels[:, None, None, None], labels), batch_size=20)
+
+
+class CountingTeacher(nn.Module):
+    """Counts the images a teacher sees; wraps a real classifier, or else always says class 1."""
+
+    def __init__(self, inner: nn.Module | None = None, num_classes: int = 5) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_classes = num_classes
+        self.images_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images_seen += x.shape[0]
+        if self.inner is not None:
+            return self.inner(x)
+        return nn.functional.one_hot(torch.ones(x.shape[0], dtype=torch.long), self.num_classes)
+
+
+def _small_cnn(num_classes: int) -> nn.Module:
+    """A CNN teacher small enough to train in seconds on 32 px images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )  # fmt: skip
+
+
+def test_distillation_token_is_a_second_prefix_token_with_its_own_head() -> None:
+    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True)).eval()
+    assert model.num_prefix_tokens == 2
+    assert model.dist_token.shape == (1, 1, 48) and model.head_dist.out_features == 5
+    assert model.pos_embed.shape == (1, 16 + 2, 48)
+    x = _images()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 16 + 2, 48)
+        expected = (model.head(features[:, 0]) + model.head_dist(features[:, 1])) / 2
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert torch.allclose(model.embed(x), features[:, 0])  # token 0 stays CLS
+
+
+def test_distillation_token_attention_maps_cover_both_prefix_tokens() -> None:
+    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True)).eval()
+    x = _images()
+    with torch.no_grad():
+        logits, attentions = model.forward_with_attention(x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert attentions[0].shape == (2, 3, 18, 18)
+
+
+def test_distilled_training_returns_both_heads_only_while_training() -> None:
+    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True))
+    model.distilled_training = True
+    cls_logits, dist_logits = model.train()(_images())
+    assert cls_logits.shape == dist_logits.shape == (2, 5)
+    assert model.eval()(_images()).shape == (2, 5)
+
+
+def test_a_plain_vit_has_no_distillation_parameters() -> None:
+    names = {name for name, _ in VisionTransformer(ModelConfig(**SMALL)).named_parameters()}
+    assert not {"dist_token", "head_dist.weight"} & names
+
+
+def test_the_teacher_is_consulted_on_every_training_image_and_pulls_the_dist_head() -> None:
+    seed_everything(0)
+    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True))
+    teacher = CountingTeacher()
+    config = TrainConfig(epochs=8, lr=3e-3, warmup_epochs=1)
+    run = TrainingRun(model, config, steps_per_epoch=2, device=torch.device("cpu"),
+                      teacher=teacher)  # fmt: skip
+    fit(run, _loader(), _loader())
+    assert teacher.images_seen == 8 * 40
+    model.distilled_training, model.training = True, True
+    with torch.no_grad():
+        _, dist_logits = model(_loader().dataset.tensors[0])
+    assert (dist_logits.argmax(1) == 1).float().mean() > 0.9  # it learned the teacher's answer
+
+
+def test_stochastic_depth_drops_residual_branches_only_while_training() -> None:
+    model = VisionTransformer(ModelConfig(**{**SMALL, "depth": 4}, drop_path=0.5))
+    rates = [block.drop_path.rate for block in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
+    x = _images(8)
+    torch.manual_seed(0)
+    assert not torch.allclose(model.train()(x), model(x))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), model(x))
+
+
+def test_augmentation_options_change_the_training_transform() -> None:
+    from vitbirds.data import train_transform
+
+    plain = train_transform(DataConfig(image_size=32, color_jitter=0.0))
+    strong = train_transform(DataConfig(image_size=32, trivialaugment=True, random_erasing=1.0))
+    names = {type(step).__name__ for step in strong.transforms}
+    assert {"TrivialAugmentWide", "RandomErasing"} <= names
+    assert not {"TrivialAugmentWide", "RandomErasing"} & {
+        type(step).__name__ for step in plain.transforms
+    }
+
+
+def test_mixup_and_cutmix_give_the_training_run_soft_targets() -> None:
+    mixer = batch_mixer(DataConfig(mixup=0.8, cutmix=1.0), num_classes=5)
+    images, labels = _images(5), torch.arange(5)
+    torch.manual_seed(0)
+    mixed, targets = mixer(images, labels)
+    assert mixed.shape == images.shape and targets.shape == (5, 5)
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+    assert (targets > 0).sum(1).eq(2).all()  # every image is now part of two classes
+    assert batch_mixer(DataConfig(), num_classes=5) is None
+
+
+def test_ema_evaluates_averaged_weights_beside_the_raw_ones() -> None:
+    seed_everything(0)
+    model = VisionTransformer(ModelConfig(**SMALL))
+    config = TrainConfig(epochs=2, lr=3e-3, ema_decay=0.9)
+    run = TrainingRun(model, config, steps_per_epoch=2, device=torch.device("cpu"))
+    fit(run, _loader(), _loader())
+    assert run.evaluation_model() is run.ema.module
+    ema, raw = run.evaluate(_loader()), run.evaluate(_loader(), model=run.model)
+    assert ema["val_loss"] != raw["val_loss"]
+
+
+def test_resnet18_baseline_builds_saves_and_loads_as_a_teacher(tmp_path) -> None:
+    config = ModelConfig(**SMALL)
+    resnet = build_classifier("resnet18", config).eval()
+    metadata = ModelMetadata(
+        model=config.to_dict(), architecture="resnet18", class_names=list("abcde"),
+        mean=[0.5] * 3, std=[0.5] * 3, image_size=32,
+    )  # fmt: skip
+    save_model(tmp_path, resnet, metadata)
+    loaded = load_model(tmp_path).model
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), resnet(x), atol=1e-5)
+    assert loaded(x).shape == (2, 5)
+    with pytest.raises(ConfigError, match="unknown architecture 'vgg'"):
+        build_classifier("vgg", config)
+
+
+def test_small_data_preset_turns_every_option_on() -> None:
+    recipe = get_recipe("vit-cpu-small-data")
+    model, data, train = recipe.model, recipe.data, recipe.train
+    assert model.shifted_patches and model.locality_attention and model.distill_token
+    assert model.drop_path > 0 and train.ema_decay
+    assert data.trivialaugment and data.random_erasing > 0 and (data.mixup or data.cutmix)
+
+
+def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None:
+    root = make_synthetic_dataset(tmp_path / "data", num_classes=4, images_per_class=40,
+                                  image_size=32, seed=0)  # fmt: skip
+    splits = discover_dataset(root)
+    recipe = get_recipe("vit-cpu-small-data")
+    recipe.model = ModelConfig(
+        **{**recipe.model.to_dict(), "image_size": 32, "dim": 48, "depth": 2, "num_classes": 4}
+    )
+    recipe.data.image_size = 32
+    recipe.train.epochs, recipe.train.batch_size, recipe.train.lr = 20, 32, 2e-3
+    recipe.train.warmup_epochs, recipe.train.ema_decay = 2, 0.9
+    seed_everything(0)
+    train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
+    cnn = _small_cnn(4)
+    cnn_config = TrainConfig(epochs=15, batch_size=32, lr=3e-3, warmup_epochs=1)
+    cpu = torch.device("cpu")
+    fit(TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu),
+        train_loader, valid_loader)  # fmt: skip
+    teacher = CountingTeacher(cnn, num_classes=4)
+    run = TrainingRun(
+        VisionTransformer(recipe.model),
+        recipe.train,
+        steps_per_epoch=len(train_loader),
+        device=cpu,
+        mixer=batch_mixer(recipe.data, 4),
+        teacher=teacher,
+    )
+    history = fit(run, train_loader, valid_loader)
+    assert teacher.images_seen > 0 and math.isfinite(history[-1]["train_loss"])
+    assert history[-1]["val_top1"] > 1 / 4 + 0.15

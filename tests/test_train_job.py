@@ -1,0 +1,164 @@
+"""`jobs/train.py` on the shared local Ray: trains, reports, checkpoints, exports, survives a
+worker failure and resumes a rerun. Tiny preset and synthetic data: each run takes seconds."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitbirds.modelfile import load_model, read_metadata
+from vitbirds.presets import get_recipe
+from vitbirds.tracking import default_mlflow_uri
+
+pytest.importorskip("ray")
+
+from vitbirds.ray_train import TrainJob, run_training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def cli_run(ray_session, tmp_path_factory, cache_dir) -> dict:
+    """One 2-worker CPU run through the CLI, shared by the assertions below."""
+    out = tmp_path_factory.mktemp("cli")
+    argv = [
+        "--preset", "vit-test", "--num-workers", "2", "--epochs", "2",
+        "--images-per-class", "20", "--cache-dir", str(cache_dir),
+        "--storage-path", str(out / "runs"), "--run-name", "two-workers",
+        "--summary", str(out / "summary.json"), "--export-dir", str(out / "models" / "latest"),
+    ]  # fmt: skip
+    code = _train_cli().main(argv)
+    return {"code": code, "out": out, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_two_worker_run_exports_a_model_that_loads_and_predicts(cli_run) -> None:
+    assert cli_run["code"] == 0
+    summary = cli_run["summary"]
+    assert summary["model_dir"] == str(cli_run["out"] / "runs" / "two-workers" / "model")
+    loaded = load_model(summary["model_dir"])
+    logits = loaded.model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 6)
+    assert load_model(cli_run["out"] / "models" / "latest").metadata.version == (
+        loaded.metadata.version
+    )
+
+
+def test_every_epoch_is_reported_and_checkpointed_in_the_training_format(cli_run) -> None:
+    summary = cli_run["summary"]
+    assert summary["epochs_run"] == [1, 2]
+    assert [row["epoch"] for row in summary["history"]] == [1, 2]
+    keys = {"train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s"}
+    assert keys <= set(summary["history"][-1])
+    run_dir = cli_run["out"] / "runs" / "two-workers"
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    assert len(checkpoints) == 2  # keep 2: both epochs
+    for checkpoint in checkpoints:
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"model.safetensors", "metadata.json", "training_state.safetensors"} <= names
+
+
+def test_the_summary_and_the_model_say_the_data_was_synthetic(cli_run) -> None:
+    summary = cli_run["summary"]
+    assert summary["synthetic"] is True and summary["data"]["source"] == "synthetic"
+    metadata = read_metadata(summary["model_dir"])
+    assert metadata.synthetic
+    assert [row["epoch"] for row in metadata.history] == [1, 2]  # the report's learning curves
+
+
+def test_the_best_checkpoint_is_evaluated_on_the_test_split(cli_run) -> None:
+    summary = cli_run["summary"]
+    metrics = summary["metrics"]
+    assert summary["evaluated_split"] == "test"
+    assert metrics["test_num_samples"] == 18  # 6 classes x 3 test images
+    best = max(summary["history"], key=lambda row: row["val_top1"])
+    assert metrics["val_top1"] == best["val_top1"]
+    assert Path(summary["report_path"]).is_file()
+    assert read_metadata(summary["model_dir"]).metrics["test_top1_accuracy"] == (
+        metrics["test_top1_accuracy"]
+    )
+    assert summary["wall_time_s"] > 0
+
+
+def test_the_mlflow_store_under_the_storage_path_holds_the_run(cli_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    summary = cli_run["summary"]
+    client = MlflowClient(default_mlflow_uri(cli_run["out"] / "runs"))
+    run = client.get_run(summary["tracking"]["run_id"])
+    assert run.data.params["recipe.model.depth"] == "2"
+    assert run.data.params["num_workers"] == "2"
+    assert run.data.params["system.ray"] and run.data.params["system.torch"]
+    assert run.data.tags["synthetic"] == "true"
+    history = client.get_metric_history(run.info.run_id, "val_top1")
+    assert sorted(m.step for m in history if m.step) == [1, 2]
+    assert run.data.metrics["test_top1_accuracy"] == summary["metrics"]["test_top1_accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "plots", "evaluation"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png"}
+
+
+def _job(storage: Path, cache_dir: Path, **overrides) -> TrainJob:
+    recipe = get_recipe("vit-test")
+    recipe.data.images_per_class = 10
+    recipe.train.epochs = overrides.pop("epochs", 3)
+    values = dict(
+        recipe=recipe, run_name="fault", storage_path=str(storage), num_workers=2,
+        tracker="none", evaluate=False, cache_dir=str(cache_dir),
+    )  # fmt: skip
+    return TrainJob(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def failed_once(ray_session, tmp_path_factory, cache_dir) -> tuple[Path, object]:
+    storage = tmp_path_factory.mktemp("fault")
+    outcome = run_training(_job(storage, cache_dir, fail_at_epoch=2, max_failures=1))
+    return storage, outcome
+
+
+def test_a_worker_failure_restarts_from_the_last_checkpoint(failed_once) -> None:
+    _, outcome = failed_once
+    assert outcome.worker_failures == 1
+    assert outcome.started_at_epoch == 1  # epoch 2 failed before its report: resumed after 1
+    assert outcome.epochs_run == [1, 2, 3]  # epoch 2 reported once, by the restarted group
+    assert [row["epoch"] for row in outcome.history] == [1, 2, 3]
+
+
+def test_a_rerun_with_the_same_name_resumes_without_redoing_epochs(
+    failed_once, cache_dir
+) -> None:
+    storage, _ = failed_once
+    outcome = run_training(_job(storage, cache_dir, epochs=4))
+    assert outcome.started_at_epoch == 3
+    assert outcome.epochs_run == [4]
+    assert [row["epoch"] for row in outcome.history] == [1, 2, 3, 4]
+
+
+def test_mps_on_a_machine_without_it_is_a_one_line_usage_error(capsys) -> None:
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert _train_cli().main(["--device", "mps"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device 'mps' was requested but") and "Traceback" not in err
+
+
+def test_a_gpu_run_on_this_machine_without_cuda_is_a_usage_error(capsys, monkeypatch) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _train_cli().main(["--use-gpu"]) == 2
+    assert "error: device 'cuda' was requested" in capsys.readouterr().err

@@ -115,14 +115,15 @@ log "check the installed KubeRay CRDs"
 # An older CRD would silently drop authOptions, and the clusters would run without token auth.
 auth_field="$(kubectl get crd rayclusters.ray.io -o jsonpath='{.spec.versions[?(@.name=="v1")].schema.openAPIV3Schema.properties.spec.properties.authOptions.type}')"
 [[ "$auth_field" == object ]] \
-  || die "the RayCluster CRD has no authOptions (KubeRay older than 1.5.1): use KUBERAY_INSTALL=helm"
+  || die "RayCluster CRD without authOptions (KubeRay < 1.5.1): use KUBERAY_INSTALL=helm"
 
 log "namespace $NAMESPACE and the Ray auth token"
 kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
 if ! kubectl -n "$NAMESPACE" get secret "$TOKEN_SECRET" >/dev/null 2>&1; then
   # Created once and never rotated by a rerun; the token goes through a pipe, not argv.
   openssl rand -hex 32 | tr -d '\n' \
-    | kubectl -n "$NAMESPACE" create secret generic "$TOKEN_SECRET" --from-file=auth_token=/dev/stdin
+    | kubectl -n "$NAMESPACE" create secret generic "$TOKEN_SECRET" \
+      --from-file=auth_token=/dev/stdin
 fi
 
 log "Workload Identity: $NAMESPACE/$KSA may read and write gs://$BUCKET"

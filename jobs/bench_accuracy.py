@@ -139,7 +139,7 @@ def train_one(
             "model": recipe.model.to_dict(),
             "data": recipe.data.to_dict(),
             "train": recipe.train.to_dict(),
-        },  # fmt: skip
+        },
     }
     if run.ema is not None:  # the raw weights too, so one run measures what EMA adds
         result["val_top1_raw"] = run.evaluate(valid_loader, model=run.model)["val_top1"]
@@ -151,14 +151,14 @@ def train_one(
         std=list(IMAGENET_STD),
         image_size=recipe.data.image_size,
         name=f"bench-{label}",
-        metrics={"val_top1": final["val_top1"], "val_top5": final["val_top5"]},
+        metrics={key: result[key] for key in ("val_top1", "val_top5", "wall_s", "epochs")},
         history=history,
         data={
             "source": splits.source,
             "root": str(splits.root),
             "fingerprint": splits.fingerprint(),
             "synthetic": splits.synthetic,
-        },  # fmt: skip
+        },
     )
     save_model(out_dir / label, run.evaluation_model(), metadata)
     return result

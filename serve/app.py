@@ -55,7 +55,13 @@ from serve.schemas import (
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ImageDecodeError
 from vitbirds.modelfile import fetch_model_dir, load_model, read_metadata
-from vitbirds.predictions import FeedbackRecord, PredictionLog, PredictionRecord, log_path
+from vitbirds.predictions import (
+    BackgroundPredictionLog,
+    FeedbackRecord,
+    PredictionLog,
+    PredictionRecord,
+    log_path,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -140,6 +146,11 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+
+
+def _overloaded(exc: Exception) -> JSONResponse:
+    """503 when a model deployment's queue is full (or its replica is gone): retry shortly."""
+    return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
 
 
 def _decode_rejection(error: ImageDecodeError) -> InputRejected:
@@ -270,7 +281,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _TOP_K = Query(None, ge=1, le=MAX_TOP_K, description="How many classes (default 5)")
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=64)
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=64,
+    max_queued_requests=64,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+)
 @serve.ingress(api)
 class Ingress:
     """HTTP: reads and checks the upload, asks the model deployments, logs the prediction."""
@@ -286,7 +302,9 @@ class Ingress:
         self.preprocessor = ImagePreprocessor(
             self.metadata, max_pixels=settings.max_pixels, display_size=settings.display_size
         )
-        self.log = PredictionLog(log_path(local_dir, settings.prediction_log))
+        self.log = BackgroundPredictionLog(
+            PredictionLog(log_path(local_dir, settings.prediction_log))
+        )
         self.index_html = (STATIC_DIR / "index.html").read_text()
         logger.info("Ingress: prediction log %s", self.log.path)
 
@@ -315,7 +333,7 @@ class Ingress:
             output.probabilities, self.metadata.class_names, k or self.settings.default_top_k
         )
         best = predictions[0]
-        self.log.append(
+        self.log.submit(
             PredictionRecord(
                 request_id=request_id,
                 model_name=self.metadata.name,
@@ -348,7 +366,7 @@ class Ingress:
         try:
             output = await self.classifier.predict.remote(image)
         except (BackPressureError, RayActorError) as exc:
-            return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+            return _overloaded(exc)
         return self._record(output, top_k, "predict")
 
     @api.post(
@@ -369,7 +387,7 @@ class Ingress:
                 self.explainer.explain.remote(image, display),
             )
         except (BackPressureError, RayActorError) as exc:
-            return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+            return _overloaded(exc)
         response = self._record(output, top_k, "explain")
         if "application/json" in request.headers.get("accept", ""):
             overlay = base64.b64encode(png).decode("ascii")
@@ -383,7 +401,7 @@ class Ingress:
             raise InputRejected(
                 422, "unknown_label", f"{body.label!r} is not one of the model's classes"
             )
-        self.log.append(FeedbackRecord(request_id=body.request_id, label=body.label))
+        self.log.submit(FeedbackRecord(request_id=body.request_id, label=body.label))
         return FeedbackResponse(request_id=body.request_id, label=body.label)
 
     @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})

@@ -82,10 +82,12 @@ def _id(item: tuple[str, dict[str, Any]]) -> str:
 
 
 def _ray_cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    spec = doc["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": None}.get(
-        doc["kind"]
-    ) or spec.get("rayClusterConfig")
+    """The Ray cluster inside any KubeRay object."""
+    if doc["kind"] == "RayJob":
+        return doc["spec"]["rayClusterSpec"]
+    if doc["kind"] == "RayService":
+        return doc["spec"]["rayClusterConfig"]
+    return doc["spec"]
 
 
 def _ray_pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -351,14 +351,26 @@ def test_index_page_is_served(url):
 # --- prediction log, feedback, metrics ---------------------------------------------------------
 
 
+def _wait_for(read, timeout_s: float = 10.0):
+    """The log is appended from a background thread: poll until `read()` is truthy."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := read()):
+        assert time.monotonic() < deadline, "not in the prediction log"
+        time.sleep(0.1)
+    return value
+
+
 def test_every_prediction_is_logged_and_feedback_attaches_a_label(url, photo, log_file, offline):
     body = post_image(url, photo).json()
     request_id = body["request_id"]
-    records = {r.request_id: r for r in read_log(log_file).predictions}
-    record = records[request_id]
+    record = _wait_for(
+        lambda: {r.request_id: r for r in read_log(log_file).predictions}.get(request_id)
+    )
     assert record.model_version == offline.metadata.version
+    assert record.endpoint == "predict"
     assert record.label == body["predictions"][0]["label"]
     assert record.confidence == pytest.approx(body["predictions"][0]["probability"])
+    assert [p["index"] for p in record.top_k] == [p["index"] for p in body["predictions"]]
     assert len(record.embedding) == EMBEDDING_DIM
 
     true_label = offline.metadata.class_names[3]
@@ -366,7 +378,7 @@ def test_every_prediction_is_logged_and_feedback_attaches_a_label(url, photo, lo
         url + "/feedback", json={"request_id": request_id, "label": true_label}
     )
     assert response.status_code == 202
-    assert read_log(log_file).true_labels[request_id] == true_label
+    assert _wait_for(lambda: read_log(log_file).true_labels.get(request_id)) == true_label
 
 
 def test_feedback_with_an_unknown_label_is_refused(url):
@@ -396,27 +408,27 @@ def test_custom_metrics_reach_rays_metrics_endpoint(url, photo):
 
 
 def test_overload_gets_fast_503s_and_the_service_recovers(url, photo):
-    async def flood(n: int) -> list[tuple[int, float]]:
+    async def flood(n: int) -> list[tuple[httpx.Response, float]]:
         limits = httpx.Limits(max_connections=n)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
-            async def one() -> tuple[int, float]:
+            async def one() -> tuple[httpx.Response, float]:
                 started = time.perf_counter()
                 response = await client.post(
                     url + "/predict", content=photo, headers={"content-type": "image/jpeg"}
                 )
-                return response.status_code, time.perf_counter() - started
+                return response, time.perf_counter() - started
 
             return await asyncio.gather(*[one() for _ in range(n)])
 
     results = asyncio.run(flood(160))
-    statuses = [status for status, _ in results]
+    statuses = [response.status_code for response, _ in results]
     assert set(statuses) <= {200, 503}
     assert statuses.count(503) > 0 and statuses.count(200) > 0
-    rejected = np.median([t for status, t in results if status == 503])
-    served = np.median([t for status, t in results if status == 200])
-    assert rejected < served  # refused at the door, not after waiting in a queue
+    rejected = [response for response, _ in results if response.status_code == 503]
+    assert all(response.headers.get("retry-after") == "1" for response in rejected)
+    # Bounded queues bound the wait: nobody waits for 160 requests' worth of work.
+    assert max(seconds for _, seconds in results) < 15
 
-    time.sleep(1)
     assert post_image(url, photo).status_code == 200
     assert requests.get(url + "/healthz").status_code == 200

@@ -16,12 +16,16 @@ distances survive, the log stays small); anyone who wants comparable vectors (e.
 profile from the training set) projects with `EmbeddingProjector(dim)` and the same seed. A feedback
 line attaches a true label to an earlier prediction by its request id; the last one wins.
 
-Each line is one `write` to a file opened for appending, so several writers on one host do not
+Each append is one `write` to a file opened for appending, so several writers on one host do not
 interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
+Serve appends from a background thread (`BackgroundPredictionLog`) so a slow disk or a FUSE
+bucket mount never stalls a request, and records that queue up meanwhile go out in one write.
 """
 
 import json
+import logging
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +39,8 @@ EMBEDDING_DIM = 32
 EMBEDDING_SEED = 0
 LOG_FILE_NAME = "predictions.jsonl"
 LOG_PATH_ENV = "VITBIRDS_PREDICTION_LOG"
+
+logger = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -101,6 +107,9 @@ def log_path(model_dir: str | Path, configured: str | Path | None = None) -> Pat
     return Path(chosen) if chosen else Path(model_dir).resolve().parent / LOG_FILE_NAME
 
 
+Record = PredictionRecord | FeedbackRecord
+
+
 class PredictionLog:
     """Appends records as JSON lines; safe to share between threads of one process."""
 
@@ -109,10 +118,37 @@ class PredictionLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def append(self, record: PredictionRecord | FeedbackRecord) -> None:
-        line = json.dumps(asdict(record), separators=(",", ":")) + "\n"
+    def append(self, *records: Record) -> None:
+        text = "".join(json.dumps(asdict(r), separators=(",", ":")) + "\n" for r in records)
         with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
+            handle.write(text)
+
+
+class BackgroundPredictionLog:
+    """`submit` returns at once; a daemon thread appends everything queued so far in one write.
+    A failed write is logged and its records dropped: losing log lines beats failing requests."""
+
+    def __init__(self, log: PredictionLog) -> None:
+        self.log = log
+        self._queue: queue.SimpleQueue[Record] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="prediction-log", daemon=True).start()
+
+    @property
+    def path(self) -> Path:
+        return self.log.path
+
+    def submit(self, record: Record) -> None:
+        self._queue.put(record)
+
+    def _run(self) -> None:
+        while True:
+            records = [self._queue.get()]
+            while not self._queue.empty():
+                records.append(self._queue.get())
+            try:
+                self.log.append(*records)
+            except OSError:
+                logger.exception("dropped %d records for %s", len(records), self.log.path)
 
 
 def iter_log(path: str | Path) -> Iterator[dict[str, Any] | None]:

@@ -44,13 +44,6 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.evaluation import (
-    confusion_png,
-    evaluate_model,
-    learning_curves_png,
-    log_to_tracker,
-    write_report,
-)
 from vitbirds.modelfile import load_model, read_metadata, save_model
 from vitbirds.presets import Recipe
 from vitbirds.runner import (
@@ -434,6 +427,16 @@ def run_training(job: TrainJob) -> TrainOutcome:
 def _train_and_export(
     job: TrainJob, splits: DatasetSplits, storage: str, tracker: Tracker, started: float
 ) -> TrainOutcome:
+    # Imported here, not at the top: workers import this module too, and matplotlib/scipy
+    # would only slow every worker's start.
+    from vitbirds.evaluation import (
+        confusion_png,
+        evaluate_model,
+        learning_curves_png,
+        log_to_tracker,
+        write_report,
+    )
+
     tracker.log_params({**job.to_dict(), "system": system_info(job)})
     tracker.set_tags(
         {

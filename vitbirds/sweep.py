@@ -100,7 +100,9 @@ def parse_dimension(name: str, value: Any) -> Dimension:
             if not isinstance(bounds, Sequence) or isinstance(bounds, str) or len(bounds) != 2:
                 raise ConfigError(f"{name}: loguniform takes [low, high], got {bounds!r}")
             return log_uniform(name, *(_cast(name, param, bound) for bound in bounds))
-        raise ConfigError(f"{name}: expected a list, {{choice: [...]}} or {{loguniform: [low, high]}}")
+        raise ConfigError(
+            f"{name}: expected a list, {{choice: [...]}} or {{loguniform: [low, high]}}"
+        )
     if isinstance(value, Sequence) and not isinstance(value, str):
         return _choice(name, param, value)
     return _choice(name, param, [value])
@@ -152,6 +154,7 @@ class SweepConfig:
     data_dir: str | None = None  # None: the generated synthetic birds
     num_classes: int | None = None
     images_per_class: int | None = None
+    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.runner's default
     epochs: int | None = None  # None: the preset's; also ASHA's max_t
     batch_size: int | None = None
     seed: int | None = None
@@ -274,7 +277,8 @@ def train_argv(sweep: SweepConfig, params: Mapping[str, Any] | None = None) -> l
     argv = ["--preset", sweep.preset]
     optional = {
         "--data-dir": sweep.data_dir, "--num-classes": sweep.num_classes,
-        "--images-per-class": sweep.images_per_class, "--epochs": sweep.epochs,
+        "--images-per-class": sweep.images_per_class, "--cache-dir": sweep.cache_dir,
+        "--epochs": sweep.epochs,
         "--batch-size": sweep.batch_size, "--seed": sweep.seed,
     }  # fmt: skip
     for flag, value in optional.items():

@@ -1,0 +1,252 @@
+"""Requests/s and latency of the Serve app on /predict, beside what the machine allows.
+
+Three systems answer the same multipart uploads of real JPEGs (../shared/data/cub100/valid):
+
+- limit: no HTTP at all: decode + eval transform + one forward per batch of `--batch`, in this
+  process on every core. No server can beat it, so it is the yardstick.
+- naive: one uvicorn process holding the model, a plain FastAPI endpoint, one forward per request.
+- serve: serve/app.py with the deployment options of serve/config.yaml (batching, queues).
+
+Each runs at concurrency 1, 8 and 32 for `--seconds` after a warm-up; /explain is timed at
+concurrency 1 beside /predict. The model is a `--preset` with random weights: speed does not
+depend on what the weights say. Targets (at concurrency 32): Serve >= 0.6x limit and >= 1.5x
+naive; /explain p50 <= 2x /predict p50.
+
+    python jobs/bench_serve.py [--preset vit-cpu] [--seconds 10] [--concurrency 1 8 32]
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import requests
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve.inference import BatchPredictor, ImagePreprocessor, top_k
+from serve.schemas import ServeSettings
+from serve.testing import free_port, make_model_dir, photo_classes, start_app
+from vitbirds.benchmarking import report, target
+from vitbirds.modelfile import load_model
+from vitbirds.paths import repo_root, shared_data_dir
+
+CONFIG = repo_root() / "serve" / "config.yaml"
+
+
+def load_photos(valid_dir: Path, count: int) -> list[bytes]:
+    """`count` JPEGs spread over the classes (one per class, round after round)."""
+    per_class = [sorted((valid_dir / name).glob("*.jpg")) for name in photo_classes(valid_dir)]
+    photos: list[bytes] = []
+    for round_ in range(max(len(files) for files in per_class)):
+        for files in per_class:
+            if round_ < len(files) and len(photos) < count:
+                photos.append(files[round_].read_bytes())
+    return photos
+
+
+def limit_images_per_second(model_dir: Path, photos: list[bytes], batch: int, seconds: float):
+    """Decode + transform + batched forward, back to back, for `seconds`."""
+    loaded = load_model(model_dir)
+    preprocessor = ImagePreprocessor(loaded.metadata)
+    predictor = BatchPredictor(loaded)
+    predictor([preprocessor.model_input(p) for p in photos[:batch]])  # warm-up
+    done, started, index = 0, time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        chunk = [photos[(index + i) % len(photos)] for i in range(batch)]
+        predictor([preprocessor.model_input(p) for p in chunk])
+        index, done = index + batch, done + batch
+    return done / (time.perf_counter() - started)
+
+
+def naive_server(model_dir: str, port: int) -> None:
+    """The baseline: a FastAPI endpoint calling the model once per request, in one process."""
+    import uvicorn
+    from fastapi import FastAPI, UploadFile
+
+    loaded = load_model(model_dir)
+    preprocessor = ImagePreprocessor(loaded.metadata)
+    predictor = BatchPredictor(loaded)
+    api = FastAPI()
+
+    @api.post("/predict")
+    def predict(file: UploadFile) -> dict[str, Any]:
+        output = predictor([preprocessor.model_input(file.file.read())])[0]
+        return {"predictions": top_k(output.probabilities, loaded.metadata.class_names, 5)}
+
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def _load(url: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    failures: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker(offset: int, deadline: float) -> None:
+            index = offset
+            while time.perf_counter() < deadline:
+                form = aiohttp.FormData()
+                form.add_field("file", photos[index % len(photos)], filename="photo.jpg")
+                started = time.perf_counter()
+                async with session.post(url, data=form) as response:
+                    await response.read()
+                    status = response.status
+                if status == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failures[status] = failures.get(status, 0) + 1
+                index += concurrency
+
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*[worker(i, deadline) for i in range(concurrency)])
+        elapsed = time.perf_counter() - started
+    return _summary(latencies, failures, elapsed)
+
+
+def _summary(latencies: list[float], failures: dict[int, int], elapsed: float) -> dict:
+    if len(latencies) < 2:
+        return {"requests_per_s": 0.0, "ok": len(latencies), "failures": failures}
+    cuts = statistics.quantiles(latencies, n=100)
+    return {
+        "requests_per_s": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p95_ms": round(1000 * cuts[94], 1),
+        "p99_ms": round(1000 * cuts[98], 1),
+        "ok": len(latencies),
+        "failures": failures,
+    }
+
+
+def measure(url: str, photos: list[bytes], concurrency: int, seconds: float, warmup: float):
+    asyncio.run(_load(url, photos, concurrency, warmup))
+    return asyncio.run(_load(url, photos, concurrency, seconds))
+
+
+def wait_until_up(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def config_deployment_options() -> dict[str, dict[str, Any]]:
+    """serve/config.yaml's per-deployment options, as Deployment.options() keywords."""
+    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    return {
+        d["name"]: {k: v for k, v in d.items() if k != "name"} for d in application["deployments"]
+    }
+
+
+def bench_naive(args, model_dir: Path, photos: list[bytes]) -> dict[str, dict]:
+    port = free_port()
+    command = [sys.executable, __file__, "--naive-server", str(model_dir), "--port", str(port)]
+    server = subprocess.Popen(command)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/docs")
+        url = f"http://127.0.0.1:{port}/predict"
+        return {
+            f"c{c}": measure(url, photos, c, args.seconds, args.warmup) for c in args.concurrency
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bench_serve(args, model_dir: Path, photos: list[bytes], work: Path) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    settings = ServeSettings(
+        model_dir=str(model_dir),
+        prediction_log=str(work / "predictions.jsonl"),
+        torch_threads=args.classifier_threads,
+    )
+    try:
+        url = start_app(settings, config_deployment_options())
+        results: dict[str, Any] = {
+            f"c{c}": measure(url + "/predict", photos, c, args.seconds, args.warmup)
+            for c in args.concurrency
+        }
+        results["explain_c1"] = measure(url + "/explain", photos, 1, args.seconds, args.warmup)
+        return results
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="vit-cpu")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--photos", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32, help="batch of the limit measurement")
+    parser.add_argument(
+        "--classifier-threads", type=int, help="torch threads per Classifier replica"
+    )
+    parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_server:
+        naive_server(args.naive_server, args.port)
+        return
+    if 1 not in args.concurrency:
+        parser.error("--concurrency must include 1: /explain is compared at concurrency 1")
+
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("bench_serve needs real photos: set VITBIRDS_DATA or place ../shared/data")
+    valid = data / "cub100" / "valid"
+    photos = load_photos(valid, args.photos)
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        work = Path(tmp)
+        model_dir = make_model_dir(work / "model", photo_classes(valid), preset=args.preset)
+        limit = limit_images_per_second(model_dir, photos, args.batch, args.seconds)
+        naive = bench_naive(args, model_dir, photos)
+        served = bench_serve(args, model_dir, photos, work)
+
+    top = f"c{max(args.concurrency)}"
+    serve_rps = served[top]["requests_per_s"]
+    predict_p50 = served["c1"]["p50_ms"]
+    results = {
+        "preset": args.preset,
+        "photos": len(photos),
+        "seconds": args.seconds,
+        "torch_threads_limit": torch.get_num_threads(),
+        "limit_images_per_s": round(limit, 2),
+        "serve": served,
+        "naive": naive,
+        f"serve_{top}_over_limit": round(serve_rps / limit, 3),
+        f"serve_{top}_over_naive": round(serve_rps / max(naive[top]["requests_per_s"], 1e-9), 3),
+        "explain_p50_over_predict_p50": round(served["explain_c1"]["p50_ms"] / predict_p50, 3),
+    }
+    targets = [
+        target(f"serve {top} / limit", results[f"serve_{top}_over_limit"], 0.6),
+        target(f"serve {top} / naive", results[f"serve_{top}_over_naive"], 1.5),
+        target("explain p50 / predict p50", results["explain_p50_over_predict_p50"], 2.0, "<="),
+    ]
+    report("serve", results, targets)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    main()

@@ -1,0 +1,362 @@
+"""Evaluating a model directory: the report's sections, metrics.json, the CLI's errors, and that a
+trained model's attention lands on the bird."""
+
+import base64
+import importlib.util
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitbirds.config import DataConfig, ModelConfig, TrainConfig
+from vitbirds.data import discover_dataset, load_mask, make_loaders, make_synthetic_dataset
+from vitbirds.data.sources import DatasetSplits, Sample
+from vitbirds.errors import DataError
+from vitbirds.evaluation import (
+    EvaluationConfig,
+    attention_check,
+    confusion_order,
+    evaluate_model,
+    write_report,
+)
+from vitbirds.model import build_model
+from vitbirds.modelfile import LoadedModel, ModelMetadata, load_model, save_model
+from vitbirds.presets import Recipe
+from vitbirds.runner import build_metadata, data_label
+from vitbirds.training import TrainingRun, seed_everything
+
+
+def _load_cli():
+    path = Path(__file__).resolve().parent.parent / "jobs" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_job = _load_cli()
+
+TINY = ModelConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, drop_path=0.0)
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.8, "val_loss": 1.7, "train_top1": 0.2, "val_top1": 0.3},
+    {"epoch": 2, "train_loss": 1.5, "val_loss": 1.6, "train_top1": 0.4, "val_top1": 0.35},
+]
+SECTIONS = {
+    "summary",
+    "metrics",
+    "learning-curves",
+    "confusion-matrix",
+    "top-confusions",
+    "worst-classes",
+    "attention",
+    "reliability",
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> DatasetSplits:
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(root, num_classes=4, images_per_class=20, image_size=37)
+    return discover_dataset(root)
+
+
+def _model_dir(path: Path, splits: DatasetSplits, *, history=HISTORY) -> Path:
+    """A random-weight model directory over `splits`' classes, as training exports it."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY.to_dict(), "num_classes": len(splits.classes)})
+    metadata = build_metadata(Recipe(config, DataConfig(image_size=32)), splits, name="tiny")
+    metadata.history = history
+    return save_model(path, build_model(config), metadata)
+
+
+class _ReportParser(HTMLParser):
+    """Sections by id, the rows of every table by table id, images and figure captions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, list[str]] = {}  # id -> image sources inside it
+        self.tables: dict[str, list[list[str]]] = {}
+        self.row_keys: dict[str, str] = {}  # metrics table: data-key -> value cell text
+        self.captions: list[str] = []
+        self.ids: set[str] = set()
+        self.links: list[str] = []
+        self._section: str | None = None
+        self._table: str | None = None
+        self._row: list[str] | None = None
+        self._row_key: str | None = None
+        self._cell: list[str] | None = None
+        self._caption: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if "href" in attrs:
+            self.links.append(attrs["href"])
+        if tag == "section":
+            self._section = attrs["id"]
+            self.sections[self._section] = []
+        elif tag == "img":
+            self.sections[self._section].append(attrs["src"])
+        elif tag == "table":
+            self._table = attrs["id"]
+            self.tables[self._table] = []
+        elif tag == "tr":
+            self._row, self._row_key = [], attrs.get("data-key")
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "figcaption":
+            self._caption = []
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self._section = None
+        elif tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr":
+            self.tables[self._table].append(self._row)
+            if self._row_key:
+                self.row_keys[self._row_key] = self._row[-1]
+        elif tag == "figcaption":
+            self.captions.append("".join(self._caption))
+            self._caption = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._caption is not None:
+            self._caption.append(data)
+
+
+def _parse(report: Path) -> _ReportParser:
+    parser = _ReportParser()
+    parser.feed(report.read_text(encoding="utf-8"))
+    return parser
+
+
+def _png_size(src: str) -> tuple[int, int]:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), "images must be embedded, not linked"
+    with Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def report(synthetic, tmp_path_factory) -> tuple[_ReportParser, dict, Path]:
+    out = tmp_path_factory.mktemp("report")
+    loaded = load_model(_model_dir(out / "model", synthetic))
+    result = evaluate_model(
+        loaded,
+        synthetic.test,
+        synthetic.classes,
+        config=EvaluationConfig(overlays=6, overlay_size=96),
+        data_label=data_label(synthetic),
+        data_synthetic=True,
+    )
+    paths = write_report(result, out / "eval")
+    return _parse(paths["report"]), json.loads(paths["metrics"].read_text()), out
+
+
+def test_report_holds_every_section(report):
+    parsed, _, _ = report
+    assert set(parsed.sections) == SECTIONS
+
+
+def test_report_figures_are_embedded_pngs(report):
+    parsed, _, _ = report
+    for name in ("learning-curves", "confusion-matrix", "reliability"):
+        assert len(parsed.sections[name]) == 1, name
+        _png_size(parsed.sections[name][0])
+    assert not [link for link in parsed.links if "://" in link]
+
+
+def test_report_shows_attention_overlays_with_true_and_predicted_labels(report, synthetic):
+    parsed, _, _ = report
+    overlays = parsed.sections["attention"]
+    assert len(overlays) == 6
+    assert {_png_size(src) for src in overlays} == {(3 * 96 + 2 * 4, 96)}
+    for caption in parsed.captions:
+        assert "true:" in caption and "predicted:" in caption
+        assert any(name in caption for name in synthetic.classes)
+
+
+def test_report_metrics_table_matches_metrics_json(report):
+    parsed, metrics, _ = report
+    values = metrics["metrics"]
+    assert parsed.row_keys["top1_accuracy"] == f"{values['top1_accuracy']:.4f}"
+    assert parsed.row_keys["macro_f1"] == f"{values['macro_f1']:.4f}"
+    assert parsed.row_keys["ece"] == f"{values['ece']:.4f}"
+    assert parsed.row_keys["num_samples"] == str(values["num_samples"]) == "12"
+
+
+def test_metrics_json_agrees_with_its_confusion_matrix(report):
+    _, metrics, _ = report
+    confusion = np.array(metrics["metrics"]["confusion"])
+    assert confusion.sum() == metrics["data"]["evaluated"] == 12
+    assert metrics["metrics"]["top1_accuracy"] == pytest.approx(np.trace(confusion) / 12)
+
+
+def test_report_lists_at_most_ten_worst_classes_lowest_f1_first(report):
+    parsed, metrics, _ = report
+    rows = parsed.tables["worst-classes-table"][1:]
+    assert 0 < len(rows) <= 10
+    f1 = [float(row[4]) for row in rows]
+    assert f1 == sorted(f1)
+    assert min(c["f1"] for c in metrics["metrics"]["per_class"]) == pytest.approx(f1[0], abs=1e-4)
+
+
+def test_synthetic_data_is_labelled_synthetic(report):
+    parsed, metrics, _ = report
+    assert "synthetic-banner" in parsed.ids
+    assert metrics["data"]["synthetic"] is True
+
+
+def test_report_without_history_says_so_instead_of_a_plot(synthetic, tmp_path):
+    loaded = load_model(_model_dir(tmp_path / "model", synthetic, history=[]))
+    result = evaluate_model(
+        loaded, synthetic.test, synthetic.classes, config=EvaluationConfig(overlays=0)
+    )
+    parsed = _parse(write_report(result, tmp_path / "eval")["report"])
+    assert parsed.sections["learning-curves"] == []
+    assert set(parsed.sections) == SECTIONS
+
+
+def test_dataset_classes_are_matched_to_the_model_by_name(synthetic, tmp_path):
+    loaded = load_model(_model_dir(tmp_path / "model", synthetic))
+    straight = evaluate_model(
+        loaded, synthetic.test, synthetic.classes, config=EvaluationConfig(overlays=0)
+    )
+    reordered = synthetic.classes[::-1]
+    relabelled = [Sample(s.path, len(reordered) - 1 - s.label) for s in synthetic.test]
+    shuffled = evaluate_model(loaded, relabelled, reordered, config=EvaluationConfig(overlays=0))
+    np.testing.assert_array_equal(shuffled.labels, straight.labels)
+    assert shuffled.report.macro_f1 == straight.report.macro_f1
+
+
+def test_a_class_the_model_does_not_know_is_a_data_error(synthetic, tmp_path):
+    loaded = load_model(_model_dir(tmp_path / "model", synthetic))
+    renamed = ["heron", *synthetic.classes[1:]]
+    with pytest.raises(DataError, match="heron"):
+        evaluate_model(loaded, synthetic.test, renamed, config=EvaluationConfig(overlays=0))
+
+
+def test_an_undecodable_image_is_skipped_and_reported(synthetic, tmp_path):
+    loaded = load_model(_model_dir(tmp_path / "model", synthetic))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    samples = [*synthetic.test, Sample(broken, 0)]
+    result = evaluate_model(loaded, samples, synthetic.classes, config=EvaluationConfig(overlays=0))
+    metrics = json.loads(write_report(result, tmp_path / "eval")["metrics"].read_text())
+    assert metrics["data"]["evaluated"] == len(synthetic.test)
+    assert [s["path"] for s in metrics["data"]["skipped"]] == [str(broken)]
+
+
+def test_real_photos_are_not_labelled_synthetic(shared_data, tmp_path):
+    splits = discover_dataset(
+        shared_data / "kaggle-birds525-valid", num_classes=5, images_per_class=2
+    )
+    loaded = load_model(_model_dir(tmp_path / "model", splits))
+    result = evaluate_model(
+        loaded, splits.train, splits.classes, config=EvaluationConfig(overlays=2)
+    )
+    parsed = _parse(write_report(result, tmp_path / "eval")["report"])
+    assert "synthetic-banner" not in parsed.ids
+    assert result.report.num_samples == len(splits.train) == 10
+
+
+def test_confusion_order_puts_mutually_confused_classes_side_by_side():
+    confusion = np.diag(np.full(60, 10))
+    confusion[3, 50] = confusion[50, 3] = 6
+    confusion[7, 31] = 4
+    order = list(confusion_order(confusion))
+    assert sorted(order) == list(range(60))
+    assert abs(order.index(3) - order.index(50)) == 1
+    assert abs(order.index(7) - order.index(31)) == 1
+
+
+def test_cli_writes_metrics_and_report(synthetic, tmp_path, capsys):
+    model = _model_dir(tmp_path / "model", synthetic)
+    argv = ["--model", str(model), "--data-dir", str(synthetic.root), "--split", "valid"]
+    code = evaluate_job.main([*argv, "--out", str(tmp_path / "eval"), "--overlays", "2"])
+    assert code == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "valid"
+    assert (tmp_path / "eval" / "report.html").is_file()
+    assert "[SYNTHETIC]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--split", "holdout"], "invalid choice: 'holdout'"),
+        (["--batch-size", "0"], "must be positive"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_exit_2(argv, message, synthetic, tmp_path, capsys):
+    model = _model_dir(tmp_path / "model", synthetic)
+    full = ["--model", str(model), "--data-dir", str(synthetic.root), *argv]
+    try:
+        code = evaluate_job.main(full)
+    except SystemExit as exit_:  # argparse errors leave through sys.exit
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_cli_empty_split_is_a_usage_error(shared_data, synthetic, tmp_path, capsys):
+    model = _model_dir(tmp_path / "model", synthetic)
+    data = shared_data / "kaggle-birds525-valid"  # ships a valid split only
+    code = evaluate_job.main(["--model", str(model), "--data-dir", str(data), "--split", "test"])
+    err = capsys.readouterr().err
+    assert code == 2 and "split 'test'" in err and "is empty" in err
+
+
+# The attention check trains a small ViT on synthetic birds for a few seconds.
+ATTENTION_MODEL = ModelConfig(
+    image_size=32, patch_size=4, dim=64, depth=4, heads=4, num_classes=6, drop_path=0.0
+)
+ATTENTION_TRAIN = TrainConfig(epochs=6, batch_size=32, lr=3e-3, warmup_epochs=1, device="cpu")
+
+
+def _train_on_synthetic(root: Path) -> tuple[DatasetSplits, LoadedModel, LoadedModel]:
+    """(splits, the model before training, the model after), both as a LoadedModel."""
+    splits = discover_dataset(root)
+    seed_everything(0)
+    data = DataConfig(data_dir=str(root), image_size=32)
+    train_loader, _, _ = make_loaders(splits, data, ATTENTION_TRAIN)
+    model = build_model(ATTENTION_MODEL)
+    metadata: ModelMetadata = build_metadata(
+        Recipe(ATTENTION_MODEL, data, ATTENTION_TRAIN), splits, name="attention"
+    )
+    untrained = LoadedModel(build_model(ATTENTION_MODEL).eval(), metadata)
+    untrained.model.load_state_dict(model.state_dict())
+    run = TrainingRun(
+        model, ATTENTION_TRAIN, steps_per_epoch=len(train_loader), device=torch.device("cpu")
+    )
+    for _ in range(ATTENTION_TRAIN.epochs):
+        run.train_epoch(train_loader)
+    return splits, untrained, LoadedModel(model.eval(), metadata)
+
+
+@pytest.mark.slow
+def test_a_trained_models_rollout_puts_twice_the_area_share_on_the_bird(tmp_path):
+    root = make_synthetic_dataset(
+        tmp_path / "birds", num_classes=6, images_per_class=100, image_size=37
+    )
+    splits, untrained, trained = _train_on_synthetic(root)
+    before = attention_check(untrained, splits.valid, load_mask)
+    after = attention_check(trained, splits.valid, load_mask)
+    print(
+        f"rollout mass on the bird / bird area: before {before.ratio:.2f}, after {after.ratio:.2f}"
+    )
+    assert before.ratio < 1.3  # an untrained model does not find the bird by chance
+    assert after.ratio >= 2.0

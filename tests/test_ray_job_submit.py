@@ -1,0 +1,117 @@
+"""`ray job submit` of the unchanged training script to a real `ray start --head` cluster with
+token authentication on, as Ray 2.60 starts it.
+
+The cluster is private to this test: its own temp dir, ports and token file, started with
+`--block` so stopping that one process stops exactly this cluster (`ray stop` would stop every
+Ray on the machine, the shared test session's included).
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vitbirds.modelfile import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+PORT_FLAGS = (
+    "--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+    "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port", "--metrics-export-port",
+)  # fmt: skip
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """(dashboard address, environment with RAY_AUTH_MODE=token) of a private head node."""
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    # Unix socket paths must stay under ~100 characters: a short temp dir, not tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="vbray-", dir="/tmp")
+    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    command = [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir]
+    command += ["--include-dashboard", "true", "--disable-usage-stats"]
+    for flag, port in ports.items():
+        command += [flag, str(port)]
+    head = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        _wait_for_dashboard(address, head)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited early:\n{head.stdout.read()}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"the dashboard at {address} did not come up in {timeout_s} s")
+
+
+def test_a_submitted_job_trains_on_a_token_auth_cluster_and_exports_a_model(
+    token_cluster, tmp_path
+) -> None:
+    address, env = token_cluster
+    summary = tmp_path / "summary.json"
+    submit = [
+        str(RAY), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+        sys.executable, "jobs/train.py", "--preset", "vit-test", "--epochs", "1",
+        "--images-per-class", "10", "--cache-dir", str(tmp_path / "cache"), "--tracker", "none",
+        "--storage-path", str(tmp_path / "runs"), "--run-name", "submitted",
+        "--summary", str(summary),
+    ]  # fmt: skip
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "succeeded" in output.lower()
+    result = json.loads(summary.read_text())
+    assert load_model(result["model_dir"]).metadata.synthetic
+    assert result["tracking"] == {"kind": "none"} and result["epochs_run"] == [1]
+
+
+def test_with_a_wrong_token_the_cluster_refuses_the_job(token_cluster, tmp_path) -> None:
+    address, env = token_cluster
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    env = {**env, "RAY_AUTH_TOKEN_PATH": str(wrong)}
+    submit = [str(RAY), "job", "submit", "--address", address, "--", "true"]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0

@@ -1,7 +1,5 @@
 """The small-data options do what they claim, and all of them together still learn."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -176,32 +174,33 @@ def test_small_data_preset_turns_every_option_on() -> None:
 
 
 def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None:
-    root = make_synthetic_dataset(tmp_path / "data", num_classes=4, images_per_class=40,
-                                  image_size=32, seed=0)  # fmt: skip
+    classes = 4
+    root = make_synthetic_dataset(
+        tmp_path / "data", num_classes=classes, images_per_class=60, image_size=32, seed=0
+    )
     splits = discover_dataset(root)
     recipe = get_recipe("vit-cpu-small-data")
     recipe.model = ModelConfig(
         **{**recipe.model.to_dict(), "image_size": 32, "dim": 48, "depth": 2, "num_classes": 4}
     )
     recipe.data.image_size = 32
-    recipe.train.epochs, recipe.train.batch_size, recipe.train.lr = 20, 32, 2e-3
-    recipe.train.warmup_epochs, recipe.train.ema_decay = 2, 0.9
+    recipe.train = TrainConfig(epochs=25, batch_size=16, lr=2e-3, warmup_epochs=2, ema_decay=0.9)
     seed_everything(0)
     train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
-    cnn = _small_cnn(4)
-    cnn_config = TrainConfig(epochs=15, batch_size=32, lr=3e-3, warmup_epochs=1)
     cpu = torch.device("cpu")
-    fit(TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu),
-        train_loader, valid_loader)  # fmt: skip
-    teacher = CountingTeacher(cnn, num_classes=4)
+    cnn = _small_cnn(classes)
+    cnn_config = TrainConfig(epochs=10, batch_size=16, lr=3e-3, warmup_epochs=1)
+    cnn_run = TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu)
+    fit(cnn_run, train_loader, valid_loader)
+    teacher = CountingTeacher(cnn, num_classes=classes)
     run = TrainingRun(
         VisionTransformer(recipe.model),
         recipe.train,
         steps_per_epoch=len(train_loader),
         device=cpu,
-        mixer=batch_mixer(recipe.data, 4),
+        mixer=batch_mixer(recipe.data, classes),
         teacher=teacher,
     )
     history = fit(run, train_loader, valid_loader)
-    assert teacher.images_seen > 0 and math.isfinite(history[-1]["train_loss"])
-    assert history[-1]["val_top1"] > 1 / 4 + 0.15
+    assert teacher.images_seen == 25 * len(train_loader.dataset)
+    assert history[-1]["val_top1"] > 1 / classes + 0.1, [m["val_top1"] for m in history]

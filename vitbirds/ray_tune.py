@@ -18,6 +18,7 @@ ending its driver, whose Train workers go with it. One trial can use several wor
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,10 @@ def _DEV_build_trainer(job, callbacks):  # DEV SCAFFOLD: remove once ray_train.b
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
             use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+            resources_per_worker={
+                "CPU": job.cpus_per_worker,
+                **({"GPU": 1} if job.use_gpu else {}),
+            },
         ),
         run_config=ray.train.RunConfig(
             name=job.run_name,
@@ -133,11 +137,17 @@ class _TrialLines(tune.Callback):
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
+        self.started = time.monotonic()
+
+    def _clock(self) -> str:
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        return f"[{minutes:3d}:{seconds:02d}]"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        epoch = int(result["epoch"])
         print(
-            f"trial {trial.trial_id} [{params}] epoch {int(result['epoch'])}/{self.epochs}"
+            f"{self._clock()} trial {trial.trial_id} [{params}] epoch {epoch}/{self.epochs}"
             f" val top1 {result[METRIC]:.1%} loss {result['val_loss']:.3f}",
             flush=True,
         )
@@ -145,10 +155,10 @@ class _TrialLines(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info):
         epoch = int((trial.last_result or {}).get("epoch", 0))
         how = "finished" if epoch >= self.epochs else f"stopped by ASHA after {epoch} epoch(s)"
-        print(f"trial {trial.trial_id} {how}", flush=True)
+        print(f"{self._clock()} trial {trial.trial_id} {how}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
-        print(f"trial {trial.trial_id} failed: see {trial.path}/error.txt", flush=True)
+        print(f"{self._clock()} trial {trial.trial_id} failed: see {trial.path}", flush=True)
 
 
 def _short(value: Any) -> str:

@@ -33,7 +33,6 @@ from vitbirds.reference import (
     ReferenceProfile,
     build_reference_profile,
     class_key,
-    image_dataset,
     model_outputs,
     save_reference_profile,
 )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
@@ -315,7 +316,7 @@ def model_cost(config: ModelConfig) -> tuple[int, int]:
     """(parameters, forward FLOPs for one image): the x-axes of the cost plot."""
     model = build_model(config).eval()
     image = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
-    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(image)
     return count_parameters(model), int(counter.get_total_flops())
 

@@ -33,7 +33,12 @@ from vitbirds.modelfile import load_model
 from vitbirds.monitoring import MonitorConfig
 from vitbirds.paths import repo_root, shared_data_dir
 from vitbirds.presets import Recipe, get_recipe
-from vitbirds.reference import image_dataset, load_reference_profile, samples_for_model
+from vitbirds.reference import (
+    UNKNOWN_LABEL,
+    image_dataset,
+    load_reference_profile,
+    samples_for_model,
+)
 from vitbirds.shifts import (
     SHIFTS,
     ScenarioResult,
@@ -107,13 +112,13 @@ def format_row(row: ScenarioResult) -> str:
         f"| {p.get('confidence', 1):.1e} | {p.get('entropy', 1):.1e} "
         f"| {p.get('predicted_class', 1):.1e} | {p.get('embedding_mmd', 1):.1e} "
         f"| {psi:>5} | {auroc:>4} | {row.estimated_accuracy:5.1%} "
-        f"| {row.calibrated_confidence:5.1%} | {true} |"
+        f"| {row.atc_accuracy:5.1%} | {true} |"
     )
 
 
 HEADER = (
     "| scenario     | str  |    n | decision | labelled | p conf  | p entr  | p class "
-    "| p MMD   |  PSI  | dAUC | ATC est | TS conf | true  |\n"
+    "| p MMD   |  PSI  | dAUC | est.acc | ATC     | true  |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario("other source", image_dataset(other_samples, loaded.metadata))
     everything = other.train + other.valid + other.test
     picked = np.random.default_rng(0).choice(len(everything), len(subj.held_out), replace=False)
-    other_species = [everything[i] for i in sorted(picked)]
+    other_species = [Sample(everything[i].path, UNKNOWN_LABEL) for i in sorted(picked)]
     scenario("other species", image_dataset(other_species, loaded.metadata))
     scenario("noise", noise_images(len(subj.held_out), loaded))
 
@@ -170,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     strongest = [r for r in rows if r.strength == 1.0 or r.scenario in ("other source", "noise")]
     detected = sum(r.decision != "OK" for r in strongest) / len(strongest)
     shifted = [r for r in rows if r.true_accuracy is not None and not r.scenario.startswith("same")]
-    atc_error = float(np.mean([abs(r.estimated_accuracy - r.true_accuracy) for r in shifted]))
-    ts_error = float(np.mean([abs(r.calibrated_confidence - r.true_accuracy) for r in shifted]))
+    ts_error = float(np.mean([abs(r.estimated_accuracy - r.true_accuracy) for r in shifted]))
+    atc_error = float(np.mean([abs(r.atc_accuracy - r.true_accuracy) for r in shifted]))
     results = {
         "reference_accuracy": profile.accuracy,
         "reference_samples": len(profile.outputs.labels),

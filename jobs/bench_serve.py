@@ -149,12 +149,21 @@ def wait_until_up(url: str, timeout_s: float = 60) -> None:
             time.sleep(0.3)
 
 
-def config_deployment_options() -> dict[str, dict[str, Any]]:
-    """serve/config.yaml's per-deployment options, as Deployment.options() keywords."""
+def deployment_options(classifier_replicas: int | None) -> dict[str, dict[str, Any]]:
+    """serve/config.yaml's per-deployment options as Deployment.options() keywords; optionally a
+    fixed number of Classifier replicas sharing the CPUs one replica asks for there (autoscaling
+    reacts in tens of seconds, longer than one measurement)."""
     (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
-    return {
+    options = {
         d["name"]: {k: v for k, v in d.items() if k != "name"} for d in application["deployments"]
     }
+    if classifier_replicas:
+        classifier = options["Classifier"]
+        classifier.pop("autoscaling_config", None)
+        classifier["num_replicas"] = classifier_replicas
+        actor = classifier.setdefault("ray_actor_options", {})
+        actor["num_cpus"] = actor.get("num_cpus", 1) / classifier_replicas
+    return options
 
 
 def bench_naive(args, model_dir: Path, photos: list[bytes]) -> dict[str, dict]:
@@ -247,6 +256,10 @@ def main() -> None:
         "load_average_1min": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
         "limit_images_per_s": round(limit, 2),
         "limit_images_per_s_by_threads": {t: round(v, 2) for t, v in limits.items()},
+        "serve_classifier": {
+            "replicas": args.classifier_replicas or "config (autoscaling)",
+            "torch_threads": args.classifier_threads or "Ray's default (from num_cpus)",
+        },
         "serve": served,
         "naive": naive,
         f"serve_{top}_over_limit": round(serve_rps / limit, 3),

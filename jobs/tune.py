@@ -5,7 +5,8 @@
     python jobs/tune.py --search grid --depth 4 8 --lr-choices 3e-4 1e-3
     python jobs/tune.py --config sweep.yaml --search optuna
 
-`--lr LOW HIGH` is a log-uniform range, `--lr-choices A B C` a list (grid search needs lists).
+`--lr LOW HIGH` is a log-uniform range, `--lr-choices A B C` a list. Grid search runs every
+combination of the lists, `--num-samples` times, sampling the ranges anew for each trial.
 ASHA stops weak trials after each rung (`--grace-period` epochs, then x`--reduction-factor`).
 Outputs in --out (default <storage>/<name>/results): results.csv and results.md sorted by valid
 top-1, sweep.png, best_model/ (servable, as jobs/train.py exports it), reproduce.txt (the
@@ -113,7 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search = parser.add_argument_group("search")
     search.add_argument("--search", choices=SEARCHES, help="default random")
     search.add_argument(
-        "--num-samples", type=int, help="trials (random/optuna, default 8); grid: repeats (1)"
+        "--num-samples",
+        type=int,
+        help="trials (random/optuna, default 8); grid: repeats (1)",
     )
     search.add_argument("--grace-period", type=int, help="ASHA: epochs before a stop (2)")
     search.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/this per rung (2)")

@@ -16,10 +16,10 @@ import asyncio
 import base64
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Query, Request
@@ -64,6 +64,7 @@ from vitbirds.predictions import (
 )
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 STATIC_DIR = Path(__file__).parent / "static"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -308,21 +309,10 @@ class Ingress:
         self.index_html = (STATIC_DIR / "index.html").read_text()
         logger.info("Ingress: prediction log %s", self.log.path)
 
-    async def _image(self, request: Request) -> torch.Tensor:
-        data = await read_upload(request, self.settings.max_body_bytes)
+    async def _decode(self, decoder: Callable[[bytes], T], data: bytes) -> T:
+        """Runs a decoder in a worker thread (Pillow releases the GIL); bad images become 4xx."""
         try:
-            return await asyncio.to_thread(self.preprocessor.model_input, data)
-        except ImageDecodeError as exc:
-            raise _decode_rejection(exc) from exc
-
-    async def _image_and_display(self, request: Request) -> tuple[torch.Tensor, Any]:
-        data = await read_upload(request, self.settings.max_body_bytes)
-
-        def decode() -> tuple[torch.Tensor, Any]:
-            return self.preprocessor.model_input(data), self.preprocessor.display_image(data)
-
-        try:
-            return await asyncio.to_thread(decode)
+            return await asyncio.to_thread(decoder, data)
         except ImageDecodeError as exc:
             raise _decode_rejection(exc) from exc
 
@@ -362,7 +352,8 @@ class Ingress:
         summary="Top-k species for a photo (multipart field 'file', or the raw image body)",
     )
     async def predict(self, request: Request, top_k: int | None = _TOP_K) -> Any:
-        image = await self._image(request)
+        data = await read_upload(request, self.settings.max_body_bytes)
+        image = await self._decode(self.preprocessor.model_input, data)
         try:
             output = await self.classifier.predict.remote(image)
         except (BackPressureError, RayActorError) as exc:
@@ -380,11 +371,13 @@ class Ingress:
         "Accept: application/json",
     )
     async def explain(self, request: Request, top_k: int | None = _TOP_K) -> Any:
-        image, display = await self._image_and_display(request)
+        data = await read_upload(request, self.settings.max_body_bytes)
+        image = await self._decode(self.preprocessor.model_input, data)
+        prediction = self.classifier.predict.remote(image)  # under way while the display decodes
+        display = await self._decode(self.preprocessor.display_image, data)
         try:
             output, png = await asyncio.gather(
-                self.classifier.predict.remote(image),
-                self.explainer.explain.remote(image, display),
+                prediction, self.explainer.explain.remote(image, display)
             )
         except (BackPressureError, RayActorError) as exc:
             return _overloaded(exc)

@@ -165,12 +165,11 @@ def test_resnet18_baseline_builds_saves_and_loads_as_a_teacher(tmp_path) -> None
         build_classifier("vgg", config)
 
 
-def test_small_data_preset_turns_every_option_on() -> None:
-    recipe = get_recipe("vit-cpu-small-data")
-    model, data, train = recipe.model, recipe.data, recipe.train
-    assert model.shifted_patches and model.locality_attention and model.distill_token
-    assert model.drop_path > 0 and train.ema_decay
-    assert data.trivialaugment and data.random_erasing > 0 and (data.mixup or data.cutmix)
+def test_small_data_preset_adds_spt_lsa_and_a_distillation_token_to_vit_cpu() -> None:
+    small, plain = get_recipe("vit-cpu-small-data").model, get_recipe("vit-cpu").model
+    assert small.shifted_patches and small.locality_attention and small.distill_token
+    options = ("shifted_patches", "locality_attention", "distill_token")
+    assert {**small.to_dict(), **dict.fromkeys(options, False)} == plain.to_dict()
 
 
 def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None:
@@ -180,10 +179,11 @@ def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None
     )
     splits = discover_dataset(root)
     recipe = get_recipe("vit-cpu-small-data")
-    recipe.model = ModelConfig(
-        **{**recipe.model.to_dict(), "image_size": 32, "dim": 48, "depth": 2, "num_classes": 4}
+    small = {"image_size": 32, "dim": 48, "depth": 2, "num_classes": classes, "drop_path": 0.1}
+    recipe.model = ModelConfig(**{**recipe.model.to_dict(), **small})  # SPT, LSA, DIST token
+    recipe.data = DataConfig(
+        image_size=32, trivialaugment=True, random_erasing=0.25, mixup=0.8, cutmix=1.0
     )
-    recipe.data.image_size = 32
     recipe.train = TrainConfig(epochs=25, batch_size=16, lr=2e-3, warmup_epochs=2, ema_decay=0.9)
     seed_everything(0)
     train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)

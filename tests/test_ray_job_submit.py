@@ -50,6 +50,9 @@ def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    # On a busy 2-core machine the dashboard agent can take longer to start than the raylet's
+    # default patience, and the raylet then aborts.
+    env["RAY_agent_register_timeout_ms"] = "120000"
     # Unix socket paths must stay under ~100 characters: a short temp dir, not tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="vbray-", dir="/tmp")
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
@@ -112,10 +115,12 @@ def test_a_submitted_job_trains_on_a_token_auth_cluster_and_exports_a_model(
         "--storage-path", str(tmp_path / "runs"), "--run-name", "submitted",
         "--summary", str(summary),
     ]  # fmt: skip
-    for _ in range(10):  # the head's job agent registers a few seconds after the dashboard
+    # Retried until the job is accepted: the head's job agent registers a few seconds after the
+    # dashboard answers, and a busy 2-core machine can time out the CLI's first connection.
+    for _ in range(6):
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
         output = done.stdout + done.stderr
-        if "No available agent" not in output:
+        if done.returncode == 0 or "submitted successfully" in output:
             break
         time.sleep(5)
     assert done.returncode == 0, output[-4000:]
@@ -129,5 +134,5 @@ def test_the_cluster_refuses_requests_without_the_right_token(token_cluster) -> 
     address, env = token_cluster
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
     assert _get(f"{address}/api/version", token) == 200
-    assert _get(f"{address}/api/version", None) == 401
-    assert _get(f"{address}/api/version", secrets.token_hex(32)) == 401
+    assert _get(f"{address}/api/version", None) == 401  # unauthenticated
+    assert _get(f"{address}/api/version", secrets.token_hex(32)) == 403  # wrong token

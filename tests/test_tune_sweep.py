@@ -68,11 +68,19 @@ def test_lr_choices_is_a_list_and_grid_search_accepts_it() -> None:
     assert sweep.samples == 1 and sweep.swept == ["depth", "lr"]
 
 
-def test_grid_search_over_a_range_is_refused_with_one_line_and_exit_2(capsys) -> None:
-    code = tune_cli.main(["--search", "grid", "--lr", "1e-4", "3e-3"])
+def test_grid_search_enumerates_lists_and_samples_ranges() -> None:
+    from vitbirds.ray_tune import tune_space
+
+    sweep = _sweep("--search", "grid", "--depth", "4", "8", "--lr", "1e-4", "3e-3")
+    space = tune_space(sweep.space, sweep.search)
+    assert space["depth"] == {"grid_search": [4, 8]}
+    assert (space["lr"].lower, space["lr"].upper) == (1e-4, 3e-3)
+
+
+def test_bad_value_is_a_usage_error_in_one_line(capsys) -> None:
+    assert tune_cli.main(["--depth", "4", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: grid search enumerates lists") and "\n" not in err
+    assert err == "error: depth: values must be positive, got [4, 0]"
 
 
 def test_three_values_for_a_range_flag_is_a_usage_error(capsys) -> None:

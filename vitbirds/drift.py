@@ -50,7 +50,7 @@ PSI_SMOOTHING = 0.5  # pseudo-count per class, so a class absent on one side has
 
 
 @dataclass
-class TestResult:
+class DriftTestResult:
     """One two-sample test: statistic, p-value and an effect size with its name."""
 
     name: str
@@ -163,10 +163,10 @@ def atc_estimate(scores: np.ndarray, threshold: float) -> float:
 # Two-sample tests
 
 
-def ks_test(name: str, reference: np.ndarray, observed: np.ndarray) -> TestResult:
+def ks_test(name: str, reference: np.ndarray, observed: np.ndarray) -> DriftTestResult:
     """Two-sided KS; the effect is the shift of the observed mean, in the score's units."""
     result = stats.ks_2samp(reference, observed)
-    return TestResult(
+    return DriftTestResult(
         name=name,
         statistic=float(result.statistic),
         p_value=float(result.pvalue),
@@ -186,7 +186,7 @@ def class_shift(
     *,
     permutations: int = 1000,
     seed: int = 0,
-) -> TestResult:
+) -> DriftTestResult:
     """Predicted-class mix: chi-square statistic of the 2 x K count table, permutation p-value.
 
     The p-value comes from permuting which side each prediction belongs to, not from the
@@ -229,7 +229,7 @@ def class_shift(
     obs_p = (obs_counts + PSI_SMOOTHING) / (obs_counts.sum() + PSI_SMOOTHING * num_classes)
     contributions = (obs_p - ref_p) * np.log(obs_p / ref_p)
     moved = np.argsort(-contributions)[:5]
-    return TestResult(
+    return DriftTestResult(
         name="predicted_class",
         statistic=float(result.statistic),
         p_value=float(result.pvalue),
@@ -256,7 +256,7 @@ def mmd_test(
     permutations: int = 500,
     max_samples: int = 500,
     seed: int = 0,
-) -> TestResult:
+) -> DriftTestResult:
     """Kernel two-sample test on embeddings [N, D] with an RBF kernel.
 
     Bandwidth: the median pairwise distance of the pooled sample (median heuristic). Statistic:
@@ -292,7 +292,7 @@ def mmd_test(
         alternative="greater",
         random_state=rng,
     )
-    return TestResult(
+    return DriftTestResult(
         name="embedding_mmd",
         statistic=float(result.statistic),
         p_value=float(result.pvalue),

@@ -108,8 +108,11 @@ def _tests_section(assessment: dict[str, Any]) -> str:
 def _estimates_section(assessment: dict[str, Any]) -> str:
     rows = [
         ("reference accuracy (validation split)", f"{assessment['reference_accuracy']:.1%}"),
-        ("estimated accuracy, ATC (Garg et al. 2022)", f"{assessment['estimated_accuracy']:.1%}"),
-        ("mean temperature-scaled confidence", f"{assessment['calibrated_confidence']:.1%}"),
+        (
+            "estimated: mean temperature-scaled confidence",
+            f"{assessment['estimated_accuracy']:.1%}",
+        ),
+        ("estimated: ATC (Garg et al. 2022)", f"{assessment['atc_accuracy']:.1%}"),
     ]
     note = (
         "<p>Both estimates assume the model is about as calibrated on new data as on its "
@@ -168,13 +171,21 @@ def _windows_section(windows: list[dict[str, Any]], assessment: dict[str, Any]) 
             w["start"],
             w["num_observed"],
             f"{w['estimated_accuracy']:.1%}",
+            f"{w['atc_accuracy']:.1%}",
             f"{w['mean_confidence']:.3f}",
             *(f"{w['p_values'][t]:.2g}" if t in w["p_values"] else "-" for t in LABEL_FREE_TESTS),
             ", ".join(w["significant"]) or "-",
         )
         for w in windows
     ]
-    header = ("window start", "n", "ATC", "mean conf", *(f"p {t}" for t in LABEL_FREE_TESTS))
+    header = (
+        "window start",
+        "n",
+        "est. accuracy",
+        "ATC",
+        "mean conf",
+        *(f"p {t}" for t in LABEL_FREE_TESTS),
+    )
     body = _img(_windows_png(windows, assessment), "drift over time") + _table(
         "windows", (*header, "significant"), rows
     )
@@ -222,7 +233,8 @@ def _windows_png(windows: list[dict[str, Any]], assessment: dict[str, Any]) -> b
                 label="alpha per test")  # fmt: skip
     top.set_ylabel("-log10 p")
     top.legend(fontsize=8, ncol=3)
-    bottom.plot(x, [w["estimated_accuracy"] for w in windows], marker="o", label="ATC estimate")
+    bottom.plot(x, [w["estimated_accuracy"] for w in windows], marker="o", label="calibrated conf.")
+    bottom.plot(x, [w["atc_accuracy"] for w in windows], marker="s", label="ATC")
     bottom.axhline(assessment["reference_accuracy"], color="gray", linestyle="--",
                    label="reference accuracy")  # fmt: skip
     bottom.set_ylabel("accuracy")

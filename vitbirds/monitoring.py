@@ -41,8 +41,8 @@ import numpy as np
 
 from vitbirds.drift import (
     ClassDrop,
+    DriftTestResult,
     Interval,
-    TestResult,
     atc_estimate,
     bootstrap_difference,
     bootstrap_interval,
@@ -240,11 +240,11 @@ class Assessment:
     reasons: list[str]
     num_observed: int
     num_reference: int
-    tests: dict[str, TestResult]
+    tests: dict[str, DriftTestResult]
     alpha_per_test: float
     reference_accuracy: float
-    estimated_accuracy: float  # ATC
-    calibrated_confidence: float  # mean temperature-scaled top-1 probability
+    estimated_accuracy: float  # mean temperature-scaled top-1 probability (DoC)
+    atc_accuracy: float  # Average Thresholded Confidence
     domain_auroc: float | None
     labelled: LabelledMetrics | None = None
     period: dict[str, str] = field(default_factory=dict)  # first/last prediction time (a log)
@@ -265,7 +265,7 @@ class Assessment:
             "tests": {name: t.to_dict() for name, t in self.tests.items()},
             "reference_accuracy": self.reference_accuracy,
             "estimated_accuracy": self.estimated_accuracy,
-            "calibrated_confidence": self.calibrated_confidence,
+            "atc_accuracy": self.atc_accuracy,
             "domain_auroc": self.domain_auroc,
             "labelled": None if self.labelled is None else self.labelled.to_dict(),
         }
@@ -281,6 +281,7 @@ def headline_gauges(assessment: dict[str, Any]) -> dict[str, float]:
         "vitbirds_monitor_observed": float(assessment["num_observed"]),
         "vitbirds_monitor_reference_accuracy": assessment["reference_accuracy"],
         "vitbirds_monitor_estimated_accuracy": assessment["estimated_accuracy"],
+        "vitbirds_monitor_atc_accuracy": assessment["atc_accuracy"],
     }
     for name, test in assessment["tests"].items():
         gauges[f"vitbirds_monitor_p_{name}"] = test["p_value"]
@@ -300,7 +301,7 @@ def headline_gauges(assessment: dict[str, Any]) -> dict[str, float]:
 
 def drift_tests(
     reference: Observations, observed: Observations, class_names: list[str], config: MonitorConfig
-) -> dict[str, TestResult]:
+) -> dict[str, DriftTestResult]:
     """The four label-free tests, reference seen through the observed top-k."""
     reference = reference.truncated(observed.top_k)
     tests = [
@@ -331,8 +332,6 @@ def assess(
     config = config or MonitorConfig()
     reference = Observations.from_reference(profile)
     _check_compatible(reference, observed)
-    estimated = atc_estimate(observed.confidence, profile.atc_threshold)
-    calibrated = scaled_confidence(observed.top_probs, observed.num_classes, profile.temperature)
     assessment = Assessment(
         decision=Decision.OK,
         reasons=[],
@@ -341,8 +340,8 @@ def assess(
         tests={},
         alpha_per_test=config.alpha_per_test,
         reference_accuracy=profile.accuracy,
-        estimated_accuracy=estimated,
-        calibrated_confidence=float(np.mean(calibrated)),
+        estimated_accuracy=calibrated_accuracy(observed, profile.temperature),
+        atc_accuracy=atc_estimate(observed.confidence, profile.atc_threshold),
         domain_auroc=None,
         period=_period(observed),
     )
@@ -392,14 +391,19 @@ def decide(assessment: Assessment, config: MonitorConfig) -> tuple[Decision, lis
                 f"recall fell significantly (q < 0.05) for: {', '.join(significant_drops)}"
             )
     else:
-        estimated_drop = reference_accuracy - assessment.estimated_accuracy
         confidence_moved = tests["confidence"].p_value < alpha
-        if confidence_moved and estimated_drop >= config.retrain_accuracy_drop:
-            retrain.append(
-                f"estimated accuracy (ATC) fell from {reference_accuracy:.1%} to "
-                f"{assessment.estimated_accuracy:.1%} (drop {estimated_drop:.1%} >= "
-                f"{config.retrain_accuracy_drop:.0%}) while the confidence distribution moved"
-            )
+        estimates = {
+            "calibrated confidence": assessment.estimated_accuracy,
+            "ATC": assessment.atc_accuracy,
+        }
+        for name, estimate in estimates.items():
+            drop = reference_accuracy - estimate
+            if confidence_moved and drop >= config.retrain_accuracy_drop:
+                retrain.append(
+                    f"estimated accuracy ({name}) fell from {reference_accuracy:.1%} to "
+                    f"{estimate:.1%} (drop {drop:.1%} >= {config.retrain_accuracy_drop:.0%}) "
+                    "while the confidence distribution moved"
+                )
         auroc = assessment.domain_auroc
         if (
             auroc is not None
@@ -421,7 +425,13 @@ def decide(assessment: Assessment, config: MonitorConfig) -> tuple[Decision, lis
     ]
 
 
-def _describe(test: TestResult) -> str:
+def calibrated_accuracy(observed: Observations, temperature: float) -> float:
+    """Mean temperature-scaled top-1 probability: the accuracy a model calibrated on its
+    reference expects of itself (DoC, Guillory et al. 2021)."""
+    return float(np.mean(scaled_confidence(observed.top_probs, observed.num_classes, temperature)))
+
+
+def _describe(test: DriftTestResult) -> str:
     if test.name in ("confidence", "entropy"):
         before, after = test.detail["reference_mean"], test.detail["observed_mean"]
         return (
@@ -508,7 +518,8 @@ class WindowDrift:
     start: str
     end: str
     num_observed: int
-    estimated_accuracy: float
+    estimated_accuracy: float  # mean temperature-scaled confidence
+    atc_accuracy: float
     mean_confidence: float
     p_values: dict[str, float]  # empty when the window is too small to test
     class_psi: float | None
@@ -556,7 +567,8 @@ def window_drift(
                 start=_iso(start),
                 end=_iso(start + step),
                 num_observed=len(part),
-                estimated_accuracy=atc_estimate(part.confidence, profile.atc_threshold),
+                estimated_accuracy=calibrated_accuracy(part, profile.temperature),
+                atc_accuracy=atc_estimate(part.confidence, profile.atc_threshold),
                 mean_confidence=float(part.confidence.mean()),
                 p_values={name: t.p_value for name, t in tests.items()},
                 class_psi=tests["predicted_class"].effect if tests else None,

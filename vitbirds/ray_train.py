@@ -167,18 +167,21 @@ def check_device(device: str, *, local: bool) -> None:
         resolve_device(device)
 
 
-def connect() -> None:
+def connect(address: str | None = None, **init_kwargs: Any) -> None:
     """Attach to the Ray cluster this process belongs to, or start a local one.
 
-    The same command then runs on a laptop and under `ray job submit`. A cluster with token
-    auth (Ray 2.60's `ray start --head` default) needs RAY_AUTH_MODE=token and the token
-    (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) in the submitting shell; nothing here turns it off.
+    With no `address`, Ray's own discovery decides: RAY_ADDRESS (set by `ray job submit`), a
+    cluster started on this machine with `ray start`, else a new local instance; so the same
+    command runs on a laptop and on a cluster. `address="local"` always starts a private one.
+    A cluster with token auth (Ray 2.60's `ray start --head` default) needs RAY_AUTH_MODE=token
+    and the token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) in the submitting shell; nothing
+    here turns it off.
     """
     if cluster_is_local():
         # Node preemption cannot happen to one machine; the watcher only adds log noise there.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
 
 
 def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:

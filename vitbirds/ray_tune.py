@@ -27,6 +27,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from vitbirds import ray_train
@@ -221,9 +222,8 @@ def run_sweep(
                     grace_period=min(sweep.grace_period, epochs),
                     reduction_factor=sweep.reduction_factor,
                 ),
-                search_alg=_searcher(sweep),
+                search_alg=_searcher(sweep, max_concurrent),
                 num_samples=sweep.samples,
-                max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -241,7 +241,9 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id  # short and stable: the Train run of the trial is named after it
 
 
-def _searcher(sweep: SweepConfig) -> Any:
+def _searcher(sweep: SweepConfig, max_concurrent: int) -> Any:
+    """The search algorithm, limited to `max_concurrent` trials at a time (Tune ignores
+    TuneConfig.max_concurrent_trials when it is handed a BasicVariantGenerator)."""
     seed = sweep.seed or 0
     if sweep.search == "optuna":
         try:
@@ -249,10 +251,9 @@ def _searcher(sweep: SweepConfig) -> Any:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as error:
             raise ConfigError("--search optuna needs optuna: pip install -e '.[tune]'") from error
-        return OptunaSearch(sampler=TPESampler(seed=seed))
-    if sweep.search == "random":
-        return BasicVariantGenerator(random_state=seed)
-    return None  # grid: Tune's default generator enumerates grid_search axes
+        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=seed)), max_concurrent)
+    # random and grid: Tune's generator, which enumerates grid axes and samples the rest
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def _row(result: Any, sweep: SweepConfig, epochs: int) -> TrialRow:

@@ -187,8 +187,8 @@ class ScenarioResult:
     class_psi: float | None
     domain_auroc: float | None
     reference_accuracy: float
-    estimated_accuracy: float  # ATC
-    calibrated_confidence: float  # mean temperature-scaled confidence
+    estimated_accuracy: float  # mean temperature-scaled confidence
+    atc_accuracy: float
     true_accuracy: float | None
     reasons: list[str]
 
@@ -232,7 +232,7 @@ def run_scenario(
         domain_auroc=assessment.domain_auroc,
         reference_accuracy=assessment.reference_accuracy,
         estimated_accuracy=assessment.estimated_accuracy,
-        calibrated_confidence=assessment.calibrated_confidence,
+        atc_accuracy=assessment.atc_accuracy,
         true_accuracy=true_accuracy,
         reasons=assessment.reasons,
     )

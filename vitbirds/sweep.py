@@ -5,8 +5,10 @@ the plot, the tracker record and the jobs/train.py command that reproduces a tri
 trial; everything here is plain data in, plain data out, so it is testable without a cluster.
 
 A space dimension is a `Choice` (a list: grid search enumerates it, the samplers pick from it) or
-a `LogUniform` range (learning rates, weight decay). Only fields that jobs/train.py has a flag for
-can be swept, because every sweep ends with the exact training command of its best trial.
+a `LogUniform` range (learning rates, weight decay), sampled per trial even in a grid search:
+`--search grid --depth 4 6 8 12 --lr 3e-4 3e-3 --num-samples 2` trains every depth twice, each
+time with its own learning rate. Only fields that jobs/train.py has a flag for can be swept,
+because every sweep ends with the exact training command of its best trial.
 """
 
 import csv
@@ -161,7 +163,8 @@ class SweepConfig:
     seed: int | None = None
     space: dict[str, Dimension] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     search: str = "random"
-    num_samples: int | None = None  # grid: repeats of the grid (1); else trials (8)
+    # grid: repeats of the grid of lists (1), ranges sampled anew in each; else: trials (8)
+    num_samples: int | None = None
     grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: keeps the top 1/reduction_factor at each rung
     num_workers: int = 1  # Ray Train workers per trial
@@ -182,14 +185,6 @@ class SweepConfig:
             raise ConfigError("the search space is empty")
         for name in self.space:
             _param(name)
-        if self.search == "grid":
-            ranges = [name for name, dim in self.space.items() if isinstance(dim, LogUniform)]
-            if ranges:
-                raise ConfigError(
-                    f"grid search enumerates lists, but {', '.join(ranges)} is a range: give "
-                    f"values instead (--{ranges[0].replace('_', '-')}-choices ...) or use "
-                    "--search random/optuna"
-                )
         positive = {
             "num_samples": self.num_samples, "epochs": self.epochs, "batch_size": self.batch_size,
             "grace_period": self.grace_period, "num_workers": self.num_workers,
@@ -485,33 +480,39 @@ def plot_png(rows: Sequence[TrialRow], best: TrialRow | None = None) -> bytes:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import NullFormatter, PercentFormatter
 
     shown = [row for row in rows if row.epochs]
     figure, axes = plt.subplots(2, 2, figsize=(10, 8), constrained_layout=True)
     panels = (
-        (axes[0, 0], "depth", lambda r: r.params.get("depth"), "lr", False),
-        (axes[0, 1], "learning rate", lambda r: r.params.get("lr"), "depth", True),
-        (axes[1, 0], "parameters (M)", lambda r: r.parameters / 1e6, "depth", True),
-        (axes[1, 1], "forward GFLOPs per image", lambda r: r.flops / 1e9, "depth", True),
+        (axes[0, 0], "depth", lambda r: r.params.get("depth"), "lr"),
+        (axes[0, 1], "learning rate", lambda r: r.params.get("lr"), "depth"),
+        (axes[1, 0], "parameters (M)", lambda r: r.parameters / 1e6, "depth"),
+        (axes[1, 1], "forward GFLOPs per image", lambda r: r.flops / 1e9, "depth"),
     )
-    for axis, label, x_of, colour_by, log_x in panels:
+    for axis, label, x_of, colour_by in panels:
         points = [(x_of(row), row) for row in shown if x_of(row) is not None]
         colours = [row.params.get(colour_by, 0.0) or 0.0 for _, row in points]
         norm = _colour_norm(colours, log=colour_by == "lr")
         for (x, row), colour in zip(points, colours, strict=True):
-            face = plt.cm.viridis(norm(colour)) if row.status == "completed" else "none"
-            axis.scatter(x, row.val_top1, s=60, facecolors=face,
-                         edgecolors=plt.cm.viridis(norm(colour)), linewidths=1.5)  # fmt: skip
+            edge = plt.cm.viridis(norm(colour))
+            face = edge if row.status == "completed" else "none"
+            axis.scatter(x, row.val_top1, s=60, facecolors=face, edgecolors=edge, linewidths=1.5)
         if best is not None and best.epochs and x_of(best) is not None:
-            axis.scatter(x_of(best), best.val_top1, marker="*", s=260, c="crimson", zorder=3)
-        if log_x:
+            axis.scatter(x_of(best), best.val_top1, marker="*", s=300, facecolors="none",
+                         edgecolors="crimson", linewidths=1.5, zorder=3)  # fmt: skip
+        if label == "learning rate":
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # crowded on a narrow range
+        if label == "depth" and points:
+            axis.set_xticks(sorted({x for x, _ in points}))
         mappable = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
         figure.colorbar(mappable, ax=axis, label=colour_by)
         axis.set_xlabel(label)
         axis.set_ylabel("best valid top-1")
+        axis.yaxis.set_major_formatter(PercentFormatter(1.0))
         axis.grid(alpha=0.3)
-    figure.suptitle("sweep: filled = full schedule, hollow = stopped by ASHA, star = exported")
+    figure.suptitle("filled: full schedule, hollow: stopped by ASHA, red star: exported trial")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)

@@ -6,8 +6,8 @@ explainer.
               `-> AttentionExplainer  (attention rollout overlay PNG, /explain only)
 
 `serve run serve/config.yaml` (from the repository root) or `serve.run(app({"model_dir": ...}))`.
-`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Decoding happens once, in the ingress, so hostile
-bytes never reach a model replica, and the replicas exchange small tensors. Backpressure: past
+`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded in the ingress, so hostile bytes
+never reach a model replica, and the replicas exchange small tensors. Backpressure: past
 `max_queued_requests` the proxy (for the ingress) or the ingress (for the classifier) answers 503
 at once instead of letting a queue grow without bound.
 """
@@ -149,9 +149,10 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
 
 
-def _overloaded(exc: Exception) -> JSONResponse:
-    """503 when a model deployment's queue is full (or its replica is gone): retry shortly."""
-    return _error(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+def _unavailable(exc: BackPressureError | RayActorError) -> JSONResponse:
+    """503 when a model deployment's queue is full or its replica is gone: retry shortly."""
+    reason = "overloaded" if isinstance(exc, BackPressureError) else "model_unavailable"
+    return _error(503, reason, str(exc), headers={"Retry-After": "1"})
 
 
 def _decode_rejection(error: ImageDecodeError) -> InputRejected:
@@ -357,7 +358,7 @@ class Ingress:
         try:
             output = await self.classifier.predict.remote(image)
         except (BackPressureError, RayActorError) as exc:
-            return _overloaded(exc)
+            return _unavailable(exc)
         return self._record(output, top_k, "predict")
 
     @api.post(
@@ -380,7 +381,7 @@ class Ingress:
                 prediction, self.explainer.explain.remote(image, display)
             )
         except (BackPressureError, RayActorError) as exc:
-            return _overloaded(exc)
+            return _unavailable(exc)
         response = self._record(output, top_k, "explain")
         if "application/json" in request.headers.get("accept", ""):
             overlay = base64.b64encode(png).decode("ascii")
@@ -403,7 +404,7 @@ class Ingress:
         try:
             stats = await self.classifier.stats.remote()
         except (BackPressureError, RayActorError) as exc:
-            return _error(503, "unavailable", str(exc))
+            return _unavailable(exc)
         return HealthResponse(
             status="ok",
             model_name=self.metadata.name,

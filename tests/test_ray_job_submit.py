@@ -9,6 +9,7 @@ Ray on the machine, the shared test session's included).
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,6 +76,7 @@ def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # its own session: nothing else is in the group
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _get(url: str, token: str | None) -> int:

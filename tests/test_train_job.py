@@ -61,8 +61,8 @@ def test_every_epoch_is_reported_and_checkpointed_in_the_training_format(cli_run
     keys = {"train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s"}
     assert keys <= set(summary["history"][-1])
     run_dir = cli_run["out"] / "runs" / "two-workers"
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2  # keep 2: both epochs
+    checkpoints = sorted(run_dir.glob("epoch_*"))
+    assert [p.name for p in checkpoints] == ["epoch_0001", "epoch_0002"]  # keep 2: both
     for checkpoint in checkpoints:
         names = {p.name for p in checkpoint.iterdir()}
         assert {"model.safetensors", "metadata.json", "training_state.safetensors"} <= names

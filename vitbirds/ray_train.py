@@ -39,6 +39,7 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from vitbirds.config import DataConfig, ModelConfig, TrainConfig
 from vitbirds.data.loading import make_loaders
 from vitbirds.data.sources import DatasetSplits
 from vitbirds.data.transforms import batch_mixer
@@ -260,7 +261,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 save_checkpoint(staging, run, metadata)
                 report_checkpoint = ray.train.Checkpoint.from_directory(staging)
-            ray.train.report(metrics, checkpoint=report_checkpoint)
+            # Named by epoch (runs/<name>/epoch_0003), not by Ray's timestamp: easy to find.
+            ray.train.report(
+                metrics,
+                checkpoint=report_checkpoint,
+                checkpoint_dir_name=f"epoch_{run.epoch:04d}",
+            )
 
     fit(run, train_loader, valid_loader, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
     return {"started_at_epoch": started_at}
@@ -279,8 +285,6 @@ def _exact_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
 
 
 def _job_from_dict(values: dict[str, Any]) -> TrainJob:
-    from vitbirds.config import DataConfig, ModelConfig, TrainConfig
-
     values = dict(values)
     recipe = values.pop("recipe")
     return TrainJob(
@@ -396,7 +400,10 @@ def _follow(feed: Any, handle: Callable[[dict[str, Any]], None], stop: threading
     while True:
         stopping = stop.wait(0.5)
         for item in ray.get(feed.drain.remote()):
-            handle(item)
+            try:
+                handle(item)
+            except Exception:  # a tracker hiccup must not end the progress lines, nor training
+                logger.exception("could not print or track %s", item)
         if stopping:
             return
 
@@ -465,10 +472,7 @@ def _train_and_export(
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
             use_gpu=job.use_gpu,
-            resources_per_worker={
-                "CPU": job.cpus_per_worker,
-                **({"GPU": 1} if job.use_gpu else {}),
-            },
+            resources_per_worker={"CPU": job.cpus_per_worker},  # + 1 GPU when use_gpu
         ),
         run_config=ray.train.RunConfig(
             name=job.run_name,

@@ -7,8 +7,13 @@ distillation token learns from the ResNet trained here (DeiT hard-label distilla
 `--teacher`, an existing model directory. Runs without Ray:
 
     python jobs/bench_accuracy.py                                  # cub100, 30 epochs, 2 threads
-    python jobs/bench_accuracy.py --only vit --teacher runs/quality/bench/resnet18 \\
+    python jobs/bench_accuracy.py --only resnet --name teacher     # the ResNet-18 alone, then
+    python jobs/bench_accuracy.py --only vit --teacher runs/quality/teacher/resnet18 \\
         --recipe vit-cpu --set model.shifted_patches=true --name spt    # one ablation row
+
+`--num-classes 20 --epochs 15 --threads 1` is the cheap budget the ablation used on a busy 2-core
+machine. With `--teacher` and `--only vit`, the ResNet numbers come from that model directory's
+metadata (same job, same data), so the ResNet is not retrained for every ViT variant.
 
 Writes the model directories and `<name>.json` under `--out`, and prints one JSON line last.
 """
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline.train.epochs = args.epochs
         baseline.train.device = args.device
         baseline.model.image_size = baseline.data.image_size = image_size
+        baseline.data.num_classes = args.num_classes
         results["resnet18"] = train_one(
             "resnet18", "resnet18", baseline, splits, out_dir, device=device
         )

@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ from vitbirds.data.sources import Sample, discover_dataset
 from vitbirds.modelfile import load_model
 from vitbirds.monitoring import MonitorConfig
 from vitbirds.paths import repo_root, shared_data_dir
-from vitbirds.presets import Recipe, get_recipe
 from vitbirds.reference import (
     UNKNOWN_LABEL,
     image_dataset,
@@ -48,21 +46,13 @@ from vitbirds.shifts import (
     noise_images,
     run_scenario,
     shared_species,
+    subject_recipe,
     train_subject,
 )
 
 STRENGTHS = (0.25, 0.5, 1.0)
 FALSE_ALARM_GOAL = 0.10  # non-OK verdicts on same-distribution subsets
 STRONG_DETECTION_GOAL = 1.0  # non-OK verdicts on the strongest version of each shift
-
-
-def subject_recipe(epochs: int, image_size: int = 32) -> Recipe:
-    """vit-test widened a little: ~35% top-1 on 36 CUB species at 32 px in ~1 min on 2 cores."""
-    recipe = get_recipe("vit-test")
-    recipe.model = replace(recipe.model, image_size=image_size, patch_size=8, dim=96, depth=4)
-    recipe.data = replace(recipe.data, image_size=image_size)
-    recipe.train = replace(recipe.train, epochs=epochs, warmup_epochs=1.0, device="cpu")
-    return recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

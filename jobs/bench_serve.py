@@ -185,7 +185,8 @@ def bench_serve(args, model_dir: Path, photos: list[bytes], work: Path) -> dict[
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # A small object store: only small tensors travel, and a big one is slow to set up.
+    ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     settings = ServeSettings(
         model_dir=str(model_dir),
         prediction_log=str(work / "predictions.jsonl"),

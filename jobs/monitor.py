@@ -236,17 +236,27 @@ def ray_auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def submit(address: str, command: list[str], metadata: ModelMetadata) -> str:
+class SubmissionError(Exception):
+    """The cluster refused the job or could not be reached."""
+
+
+def submit(
+    address: str, command: list[str], metadata: ModelMetadata, headers: dict[str, str]
+) -> str:
     """Submits `command` with this checkout as the working dir; returns the job id."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address, headers=ray_auth_headers())
-    return client.submit_job(
-        entrypoint=shlex.join(command),
-        runtime_env={"working_dir": str(repo_root()), "excludes": WORKING_DIR_EXCLUDES},
-        metadata={"vitbirds": "retrain", "model_name": metadata.name,
-                  "model_version": metadata.version},
-    )  # fmt: skip
+    try:
+        client = JobSubmissionClient(address, headers=headers)
+        return client.submit_job(
+            entrypoint=shlex.join(command),
+            runtime_env={"working_dir": str(repo_root()), "excludes": WORKING_DIR_EXCLUDES},
+            metadata={"vitbirds": "retrain", "model_name": metadata.name,
+                      "model_version": metadata.version},
+        )  # fmt: skip
+    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as error:
+        raise SubmissionError(f"submitting to {address} failed: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +292,7 @@ def log_to_tracker(args: argparse.Namespace, result: dict[str, Any], paths: list
 
 def run(args: argparse.Namespace) -> int:
     config = monitor_config(args)
+    headers = ray_auth_headers() if args.submit else {}  # a usage error before any work
     metadata = read_metadata(args.model)
     profile = reference_profile(args)
     windows: list[dict[str, Any]] = []
@@ -318,9 +329,9 @@ def run(args: argparse.Namespace) -> int:
         result["retrain"] = {"command": shlex.join(command), "address": args.ray_address}
         if args.submit:
             try:
-                job_id = submit(args.ray_address, command, metadata)
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                print(f"error: submitting to {args.ray_address} failed: {error}", file=sys.stderr)
+                job_id = submit(args.ray_address, command, metadata, headers)
+            except SubmissionError as error:
+                print(f"error: {error}", file=sys.stderr)
                 status = 1
             else:
                 result["retrain"]["job_id"] = job_id

@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--preset", default="vit-cpu", choices=list(PRESETS), help="model + training recipe")
+    parser.add_argument(
+        "--preset", default="vit-cpu", choices=list(PRESETS), help="model + training recipe"
+    )
     data = parser.add_argument_group("data (default: the generated synthetic birds)")
     data.add_argument("--data-dir", help="Kaggle bird-species layout or any ImageFolder tree")
     data.add_argument("--num-classes", type=int, help="seeded subset of the classes")
@@ -46,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, help="global batch, split across the workers")
     train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--weight-decay", type=float)
     train.add_argument("--depth", type=int, help="transformer blocks")
+    train.add_argument("--dim", type=int, help="embedding width")
+    train.add_argument("--heads", type=int, help="attention heads (must divide --dim)")
+    train.add_argument("--patch-size", type=int, help="must divide the preset's image size")
     train.add_argument("--seed", type=int)
     train.add_argument("--init-from", help="timm ViT weights (.safetensors) to start from")
     ray_group = parser.add_argument_group("Ray")
@@ -87,9 +92,13 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         data_dir=args.data_dir, num_classes=args.num_classes,
         images_per_class=args.images_per_class, seed=args.seed,
     )  # fmt: skip
-    train = given(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train = given(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed,
+    )  # fmt: skip
+    model = given(depth=args.depth, dim=args.dim, heads=args.heads, patch_size=args.patch_size)
     return Recipe(
-        model=replace(recipe.model, **given(depth=args.depth)),
+        model=replace(recipe.model, **model),
         data=replace(recipe.data, **data),
         train=replace(recipe.train, **train, device=device_of(args)),
     )
@@ -101,7 +110,9 @@ def device_of(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our INFO lines, everyone else's (MLflow's database set-up, Ray's) from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitbirds").setLevel(logging.INFO)
     try:
         from vitbirds import ray_train
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from vitbirds.metrics import classification_report, evaluate_predictions
+from vitbirds.metrics import classification_report, confusion_from_entries, evaluate_predictions
 
 NUM_CLASSES = 8
 
@@ -208,6 +208,14 @@ def test_torch_inputs_give_the_numpy_result():
     assert from_torch["macro_f1"] == pytest.approx(from_numpy["macro_f1"])
     assert from_torch["auroc_macro"] == pytest.approx(from_numpy["auroc_macro"])
     assert from_torch["confusion"] == from_numpy["confusion"]
+
+
+def test_dict_holds_the_confusion_matrix_in_sparse_form():
+    labels, probs = _random_case(7)
+    report = classification_report(labels, probs, _names(NUM_CLASSES))
+    sparse = json.loads(json.dumps(report.to_dict()))["confusion"]
+    np.testing.assert_array_equal(confusion_from_entries(sparse), report.confusion)
+    assert len(sparse["entries"]) == np.count_nonzero(report.confusion)
 
 
 def test_dict_is_strict_json():

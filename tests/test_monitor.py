@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.drift import DriftTestResult, Interval
@@ -44,6 +45,7 @@ from vitbirds.reference import (
     model_outputs,
 )
 from vitbirds.shifts import Subject, label_shift, noise_images, train_subject
+from vitbirds.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -274,8 +276,10 @@ def test_the_job_on_a_log_whose_last_hour_is_noise_says_retrain_and_reports_over
 ) -> None:
     log = tmp_path / "predictions.jsonl"
     version = load_model(subject.model_dir).metadata.version
-    write_log(log, held_out, version, START, subject.classes, every=timedelta(seconds=50))
-    write_log(log, noise, version, START + timedelta(hours=2), subject.classes)
+    shuffled = held_out.subset(np.random.default_rng(0).permutation(len(held_out.labels)))
+    write_log(log, shuffled, version, START, subject.classes, every=timedelta(seconds=50))
+    write_log(log, noise, version, START + timedelta(hours=2), subject.classes,
+              every=timedelta(seconds=30))  # fmt: skip
     out = tmp_path / "monitor"
     done = monitor("--model", str(subject.model_dir), "--prediction-log", str(log),
                    "--window", "1h", "--out", str(out))  # fmt: skip
@@ -305,8 +309,13 @@ def test_the_job_on_labelled_photos_measures_quality_and_logs_to_mlflow(subject,
     labelled = result["assessment"]["labelled"]
     assert labelled["observed"]["accuracy"]["low"] <= labelled["observed"]["accuracy"]["estimate"]
     assert result["source"]["images_assessed"] == result["source"]["images"]
-    metrics = list((tmp_path / "runs" / "mlruns").rglob("vitbirds_monitor_decision"))
-    assert metrics, "the headline gauges were not logged to MLflow"
+    client = MlflowClient(default_mlflow_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("vitbirds-monitor").experiment_id])
+    assert (
+        run.data.metrics["vitbirds_monitor_decision"]
+        == Decision(result["assessment"]["decision"]).level
+    )
+    assert run.data.tags["decision"] == result["assessment"]["decision"]
 
 
 def test_the_job_builds_a_missing_reference_profile_from_reference_data(subject, tmp_path) -> None:

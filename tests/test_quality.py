@@ -181,17 +181,18 @@ def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None
     recipe = get_recipe("vit-cpu-small-data")
     small = {"image_size": 32, "dim": 48, "depth": 2, "num_classes": classes, "drop_path": 0.1}
     recipe.model = ModelConfig(**{**recipe.model.to_dict(), **small})  # SPT, LSA, DIST token
+    # Every option on, at strengths a 2-block model can learn through in 25 short epochs.
     recipe.data = DataConfig(
-        image_size=32, trivialaugment=True, random_erasing=0.25, mixup=0.8, cutmix=1.0
+        image_size=32, trivialaugment=True, random_erasing=0.1, mixup=0.2, cutmix=0.2
     )
-    recipe.train = TrainConfig(epochs=25, batch_size=16, lr=2e-3, warmup_epochs=2, ema_decay=0.9)
+    recipe.train = TrainConfig(epochs=25, batch_size=16, lr=3e-3, warmup_epochs=2, ema_decay=0.9)
     seed_everything(0)
     train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
     cpu = torch.device("cpu")
     cnn = _small_cnn(classes)
     cnn_config = TrainConfig(epochs=10, batch_size=16, lr=3e-3, warmup_epochs=1)
     cnn_run = TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu)
-    fit(cnn_run, train_loader, valid_loader)
+    teacher_top1 = fit(cnn_run, train_loader, valid_loader)[-1]["val_top1"]
     teacher = CountingTeacher(cnn, num_classes=classes)
     run = TrainingRun(
         VisionTransformer(recipe.model),
@@ -203,4 +204,5 @@ def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None
     )
     history = fit(run, train_loader, valid_loader)
     assert teacher.images_seen == 25 * len(train_loader.dataset)
-    assert history[-1]["val_top1"] > 1 / classes + 0.1, [m["val_top1"] for m in history]
+    accuracy = [m["val_top1"] for m in history]
+    assert history[-1]["val_top1"] > 1 / classes + 0.1, (teacher_top1, accuracy)

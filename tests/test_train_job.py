@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from vitbirds.modelfile import load_model, read_metadata
 from vitbirds.presets import get_recipe
 from vitbirds.ray_train import TrainJob, run_training
+from vitbirds.runner import build_run_model
 from vitbirds.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +140,8 @@ def test_a_worker_failure_restarts_from_the_last_checkpoint(failed_once) -> None
 
 def test_a_rerun_with_the_same_name_resumes_without_redoing_epochs(failed_once, cache_dir) -> None:
     storage, _ = failed_once
-    outcome = run_training(_job(storage, cache_dir, epochs=4))
+    # One worker this time: a checkpoint does not depend on how many workers wrote it.
+    outcome = run_training(_job(storage, cache_dir, epochs=4, num_workers=1))
     assert outcome.started_at_epoch == 3
     assert outcome.epochs_run == [4]
     assert [row["epoch"] for row in outcome.history] == [1, 2, 3, 4]
@@ -158,3 +161,34 @@ def test_a_gpu_run_on_this_machine_without_cuda_is_a_usage_error(capsys, monkeyp
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert _train_cli().main(["--use-gpu"]) == 2
     assert "error: device 'cuda' was requested" in capsys.readouterr().err
+
+
+def test_flags_override_the_preset_and_nothing_else() -> None:
+    cli = _train_cli()
+    args = cli.parse_args(
+        ["--preset", "vit-test", "--epochs", "7", "--lr", "0.01", "--depth", "3", "--dim", "64",
+         "--heads", "4", "--patch-size", "4", "--weight-decay", "0.1", "--batch-size", "16",
+         "--num-classes", "4", "--data-dir", "/data", "--use-gpu"]
+    )  # fmt: skip
+    recipe, preset = cli.build_recipe(args), get_recipe("vit-test")
+    assert (recipe.train.epochs, recipe.train.lr, recipe.train.batch_size) == (7, 0.01, 16)
+    assert (recipe.model.depth, recipe.model.dim, recipe.model.heads) == (3, 64, 4)
+    assert (recipe.model.patch_size, recipe.train.weight_decay) == (4, 0.1)
+    assert (recipe.data.num_classes, recipe.data.data_dir) == (4, "/data")
+    assert recipe.train.device == "cuda"
+    assert recipe.model.mlp_ratio == preset.model.mlp_ratio
+    assert recipe.train.seed == preset.train.seed
+
+
+def test_init_from_starts_the_run_model_from_timm_weights(tmp_path) -> None:
+    timm = pytest.importorskip("timm")
+    recipe = get_recipe("vit-test")
+    config = recipe.model
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.dim,
+        depth=config.depth, num_heads=config.heads, num_classes=config.num_classes,
+    )  # fmt: skip
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    model = build_run_model(recipe, path)
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, reference.blocks[0].mlp.fc1.weight)

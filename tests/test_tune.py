@@ -121,7 +121,7 @@ def test_best_trial_model_exports_and_loads(grid_sweep) -> None:
     best = grid_sweep["table"][0]
     assert summary["best_trial"] == best["trial"] and best["status"] == "completed"
     loaded = load_model(summary["best_model"])
-    assert loaded.model_config.depth == int(best["depth"])
+    assert loaded.metadata.model_config.depth == int(best["depth"])
     assert loaded.metadata.metrics["val_top1"] == pytest.approx(float(best["val_top1"]))
     assert loaded.model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
 

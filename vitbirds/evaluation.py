@@ -42,7 +42,7 @@ from vitbirds.explain import (
     denormalize,
     render_overlay,
 )
-from vitbirds.metrics import ClassificationReport, classification_report
+from vitbirds.metrics import ClassificationReport, ClassMetrics, classification_report
 from vitbirds.modelfile import LoadedModel
 from vitbirds.tracking import Tracker
 
@@ -353,8 +353,8 @@ def _section(key: str, heading: str, body: str) -> str:
     return f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{body}\n</section>'
 
 
-def _table(key: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def _table(key: str, header: Sequence[str] | None, rows: Sequence[Sequence[object]]) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
     body = []
     for row in rows:
         cells = "".join(
@@ -362,7 +362,7 @@ def _table(key: str, header: Sequence[str], rows: Sequence[Sequence[object]]) ->
             for c in row
         )
         body.append(f"<tr>{cells}</tr>")
-    return f'<table id="{key}-table"><tr>{head}</tr>{"".join(body)}</table>'
+    return f'<table id="{key}-table">{head}{"".join(body)}</table>'
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -396,7 +396,7 @@ def _summary_section(result: EvaluationResult) -> str:
         ("Images evaluated", len(result.samples)),
         ("Images skipped (undecodable)", len(result.skipped)),
         (
-            "Throughput (images/s, decode + forward + metrics)",
+            "Throughput (images/s: decode, forward, metrics, overlays)",
             round(result.timing["images_per_s"], 1),
         ),
     ]
@@ -404,7 +404,7 @@ def _summary_section(result: EvaluationResult) -> str:
     if result.skipped:
         items = "".join(f"<li>{_e(s.reason)}</li>" for s in result.skipped[:20])
         skipped = f"<p>Skipped files:</p><ul>{items}</ul>"
-    return _section("summary", "What was evaluated", _table("summary", ["", ""], rows) + skipped)
+    return _section("summary", "What was evaluated", _table("summary", None, rows) + skipped)
 
 
 def _metrics_section(report: ClassificationReport) -> str:
@@ -435,9 +435,9 @@ def _learning_curves_section(history: list[dict[str, float]]) -> str:
 def _confusion_section(report: ClassificationReport) -> str:
     c = report.num_classes
     ordering = (
-        "classes in label order, named on the axes"
+        "Classes in label order, named on the axes"
         if c <= TICK_LABEL_LIMIT
-        else "classes ordered so that classes confused with each other sit together "
+        else "Classes ordered so that classes confused with each other sit together "
         "(hierarchical clustering of the confusions); too many to name, see the tables below"
     )
     body = (
@@ -459,7 +459,7 @@ def _top_confusions_section(report: ClassificationReport) -> str:
     return _section("top-confusions", "Most confused pairs", _table("top-confusions", header, rows))
 
 
-def worst_classes(report: ClassificationReport, count: int = WORST_CLASSES) -> list[Any]:
+def worst_classes(report: ClassificationReport, count: int = WORST_CLASSES) -> list[ClassMetrics]:
     """The `count` classes with support in this split and the lowest F1 (then most support)."""
     present = [row for row in report.per_class if row.support > 0]
     return sorted(present, key=lambda row: (row.f1, -row.support, row.index))[:count]
@@ -575,7 +575,8 @@ def confusion_png(confusion: np.ndarray, class_names: Sequence[str]) -> bytes:
     support = confusion.sum(axis=1, keepdims=True)
     rates = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
     rates = rates[np.ix_(order, order)]
-    side = 8 if c <= TICK_LABEL_LIMIT else 9
+    # Beyond the named range, at least ~2 screen pixels per class so no class row is dropped.
+    side = 8 if c <= TICK_LABEL_LIMIT else min(14, max(8, 2 + 2.4 * c / 100))
     figure = Figure(figsize=(side, side))
     ax = figure.subplots()
     image = ax.imshow(rates, cmap="viridis", norm=PowerNorm(0.5, 0, 1), interpolation="nearest")
@@ -657,14 +658,14 @@ def attention_check(
     metadata = loaded.metadata
     size = metadata.image_size
     transform = eval_transform(size, metadata.mean, metadata.std)
-    crop = v2.Compose(
-        [v2.Resize(round(size * EVAL_RESIZE_SCALE), antialias=True), v2.CenterCrop(size)]
-    )
+    decode_size = round(size * EVAL_RESIZE_SCALE)
+    crop = v2.Compose([v2.Resize(decode_size, antialias=True), v2.CenterCrop(size)])
     model = loaded.model.to(device).eval()
     inside, area, per_image = [], [], []
     for start in range(0, len(samples), config.batch_size):
         batch = samples[start : start + config.batch_size]
-        images = torch.stack([transform(load_rgb(s.path)) for s in batch]).to(device)
+        decoded = [load_rgb(s.path, short_side=decode_size) for s in batch]
+        images = torch.stack([transform(image) for image in decoded]).to(device)
         _, maps = attention_maps(
             model,
             images,

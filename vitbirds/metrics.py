@@ -106,13 +106,15 @@ class ClassificationReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: scalars, lists of plain dicts and the confusion matrix as nested lists."""
+        """JSON-ready: scalars, lists of plain dicts, and the confusion matrix in sparse form
+        (`confusion_entries`): at 525 classes the dense matrix is 99% zeros and megabytes of
+        JSON; `confusion_from_entries` rebuilds it."""
         return {
             **self.summary(),
             "reliability": [asdict(b) for b in self.reliability],
             "per_class": [asdict(c) for c in self.per_class],
             "top_confusions": [asdict(p) for p in self.top_confusions],
-            "confusion": self.confusion.tolist(),
+            "confusion": confusion_entries(self.confusion),
         }
 
 
@@ -181,6 +183,22 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     flat = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
     counts = np.bincount(flat, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
+
+
+def confusion_entries(confusion: np.ndarray) -> dict[str, Any]:
+    """{"num_classes": C, "entries": [[true, predicted, count], ...]} for the nonzero cells."""
+    rows, cols = np.nonzero(confusion)
+    entries = [[int(i), int(j), int(confusion[i, j])] for i, j in zip(rows, cols, strict=True)]
+    return {"num_classes": len(confusion), "entries": entries}
+
+
+def confusion_from_entries(sparse: dict[str, Any]) -> np.ndarray:
+    """The dense [C, C] matrix back from `confusion_entries`."""
+    c = sparse["num_classes"]
+    confusion = np.zeros((c, c), dtype=np.int64)
+    for i, j, count in sparse["entries"]:
+        confusion[i, j] = count
+    return confusion
 
 
 def cohen_kappa(confusion: np.ndarray) -> float | None:

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,7 +200,6 @@ def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker: data shard, (DDP) model, the shared loop, reports."""
     job = _job_from_dict(config)
-    recipe = job.recipe
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.cpus_per_worker)
@@ -208,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # Ray Train routes a few of its INFO lines (one per report) through the root logger.
     logging.getLogger().setLevel(logging.WARNING)
-    splits = prepare_dataset(recipe.data, job.cache_dir, announce=False)
+    splits = prepare_dataset(job.recipe.data, job.cache_dir, announce=False)
+    recipe = fit_recipe_to_data(job.recipe, splits)
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
     worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
     train_loader, valid_loader, _ = make_loaders(
@@ -420,6 +420,8 @@ def run_training(job: TrainJob) -> TrainOutcome:
     logger.info("data: %s", data_label(splits))
 
     storage = _storage_path(job.storage_path)
+    if _is_uri(storage) and job.tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        logger.warning("storage is %s: MLflow logs to ./runs (set MLFLOW_TRACKING_URI)", storage)
     tracker = make_tracker(
         job.tracker,
         run_name=job.run_name,
@@ -466,27 +468,7 @@ def _train_and_export(
         )
     feed = _ReportFeed.remote()
     progress = _Progress(tracker, job.recipe.train.epochs, job.max_failures)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=job.to_dict(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job.num_workers,
-            use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": job.cpus_per_worker},  # + 1 GPU when use_gpu
-        ),
-        run_config=ray.train.RunConfig(
-            name=job.run_name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=job.keep_checkpoints,
-                checkpoint_score_attribute=SCORE_METRIC,
-                checkpoint_score_order="max",
-            ),
-            callbacks=[_ForwardReports(feed)],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
+    trainer = build_trainer(job, [_ForwardReports(feed)])
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(feed, progress.handle, stop), daemon=True)
     follower.start()
@@ -581,6 +563,38 @@ def _train_and_export(
     )
     tracker.set_tags({"model_dir": model_dir, "started_at_epoch": str(started_at)})
     return outcome
+
+
+def build_trainer(
+    job: TrainJob, callbacks: Sequence[ray.train.UserCallback] = ()
+) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of `job`: workers, checkpoint policy, failure policy, storage.
+
+    `run_training` adds its progress callback; a Tune trial adds its own and gets exactly the
+    trainer `jobs/train.py` runs.
+    """
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker},  # + 1 GPU when use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.run_name,
+            storage_path=_storage_path(job.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.keep_checkpoints,
+                checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
+            callbacks=list(callbacks),
+            # Errors only: its warnings are routine on a busy machine (slow resource requests).
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+        ),
+    )
 
 
 def _user_error(error: "ray.train.WorkerGroupError") -> VitbirdsError | None:

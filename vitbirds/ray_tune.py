@@ -16,6 +16,7 @@ ending its driver, whose Train workers go with it. One trial can use several wor
   rest continue. `sweep.json` beside the experiment guards against resuming with other settings.
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -90,6 +91,48 @@ def tune_space(space: dict[str, Dimension], search: str) -> dict[str, Any]:
     return converted
 
 
+class _AbortTrainRunOnStop:
+    """Mixed into the trial actor: when Tune stops the trial (ASHA), abort its Train run first.
+
+    Tune ends a stopped trial by ending its actor, and the Train controller it launched dies
+    with it without releasing its workers' placement group. Ray Train's PlacementGroupCleaner
+    would free it, but it asks the dashboard's state API, which is absent in a Ray started
+    without a dashboard and ambiguous on a host running several Ray instances: the CPUs then
+    stay reserved and the next trials wait forever. So the controller introduces itself at
+    its first report and the trial aborts it (workers and placement group) before it ends.
+    """
+
+    _train_controller: Any = None
+
+    def register_train_controller(self, controller: Any) -> None:
+        self._train_controller = controller
+
+    def cleanup(self) -> None:
+        if self._train_controller is not None:
+            # abort returns at once for a finished run and ends by exiting the controller
+            exited = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
+            with contextlib.suppress(*exited):
+                ray.get(self._train_controller.abort.remote(), timeout=120)
+        super().cleanup()  # type: ignore[misc]
+
+
+class _ReportToTune(TuneReportCallback):
+    """Ray's TuneReportCallback, plus telling the trial which Train controller to abort."""
+
+    def __init__(self, trial_actor: Any) -> None:
+        super().__init__()
+        self._trial_actor = trial_actor
+        self._introduced = False
+
+    def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+        if not self._introduced:  # runs in the controller: current_actor is the controller
+            self._trial_actor.register_train_controller.remote(
+                ray.get_runtime_context().current_actor
+            )
+            self._introduced = True
+        super().after_report(run_context, metrics, checkpoint)
+
+
 def _run_trial(config: dict[str, Any], base_job: ray_train.TrainJob, sweep_name: str) -> None:
     """One trial: the jobs/train.py trainer for this point of the space, reporting to Tune."""
     trial_id = tune.get_context().get_trial_id()
@@ -98,39 +141,11 @@ def _run_trial(config: dict[str, Any], base_job: ray_train.TrainJob, sweep_name:
         recipe=apply_params(base_job.recipe, config),
         run_name=f"{sweep_name}-{trial_id}",
     )
-    _DEV_build_trainer(job, callbacks=[TuneReportCallback()]).fit()
+    report = _ReportToTune(ray.get_runtime_context().current_actor)
+    ray_train.build_trainer(job, callbacks=[report]).fit()
 
 
-def _DEV_build_trainer(job, callbacks):  # DEV SCAFFOLD: remove once ray_train.build_trainer exists
-    if hasattr(ray_train, "build_trainer"):
-        return ray_train.build_trainer(job, callbacks=callbacks)
-    import ray.train
-    import ray.train.torch
-
-    return ray.train.torch.TorchTrainer(
-        ray_train.train_loop_per_worker,
-        train_loop_config=job.to_dict(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job.num_workers,
-            use_gpu=job.use_gpu,
-            resources_per_worker={
-                "CPU": job.cpus_per_worker,
-                **({"GPU": 1} if job.use_gpu else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=job.run_name,
-            storage_path=ray_train._storage_path(job.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=job.keep_checkpoints,
-                checkpoint_score_attribute="val_top1",
-                checkpoint_score_order="max",
-            ),
-            callbacks=list(callbacks),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
+_run_trial.__mixins__ = (_AbortTrainRunOnStop,)  # type: ignore[attr-defined]  # Tune's hook
 
 
 class _TrialLines(tune.Callback):
@@ -216,12 +231,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",  # Train's epoch, right across resumed trials
-                    max_t=epochs,
-                    grace_period=min(sweep.grace_period, epochs),
-                    reduction_factor=sweep.reduction_factor,
-                ),
+                scheduler=_asha(sweep, epochs),
                 search_alg=_searcher(sweep, max_concurrent),
                 num_samples=sweep.samples,
                 trial_dirname_creator=_trial_dirname,
@@ -235,6 +245,20 @@ def run_sweep(
         )
     results = tuner.fit()
     return [_row(result, sweep, epochs) for result in results]
+
+
+def _asha(sweep: SweepConfig, epochs: int) -> ASHAScheduler | None:
+    """ASHA on valid top-1 per epoch; None (every trial runs to the end) when the grace
+    period leaves no epoch to stop at."""
+    if sweep.grace_period >= epochs:
+        return None
+    return ASHAScheduler(
+        time_attr="epoch",  # Train's epoch: right across a resumed trial, unlike Tune's count
+        max_t=epochs,
+        grace_period=sweep.grace_period,
+        reduction_factor=sweep.reduction_factor,
+        stop_last_trials=False,  # a trial that trained every epoch ends by itself
+    )
 
 
 def _trial_dirname(trial: Any) -> str:

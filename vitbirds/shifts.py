@@ -26,7 +26,7 @@ from vitbirds.errors import ConfigError
 from vitbirds.model import build_model
 from vitbirds.modelfile import LoadedModel, load_model, save_model
 from vitbirds.monitoring import Assessment, MonitorConfig, Observations, assess
-from vitbirds.presets import Recipe
+from vitbirds.presets import Recipe, get_recipe
 from vitbirds.reference import (
     UNKNOWN_LABEL,
     Perturbation,
@@ -114,6 +114,16 @@ class Subject:
     model_dir: Path
     held_out: list[Sample]  # same distribution as training, model class indices
     classes: list[str]
+
+
+def subject_recipe(epochs: int = 25, image_size: int = 32) -> Recipe:
+    """vit-test widened a little: ~30% top-1 on the 36 CUB species that Kaggle also has, at 32 px,
+    in about a minute of 2-core CPU."""
+    recipe = get_recipe("vit-test")
+    recipe.model = replace(recipe.model, image_size=image_size, patch_size=8, dim=96, depth=4)
+    recipe.data = replace(recipe.data, image_size=image_size)
+    recipe.train = replace(recipe.train, epochs=epochs, warmup_epochs=1.0, device="cpu")
+    return recipe
 
 
 def shared_species(cub_classes: Sequence[str], other_classes: Sequence[str]) -> list[str]:

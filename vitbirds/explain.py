@@ -244,5 +244,6 @@ def render_overlay(
     for row, line in enumerate(lines):
         draw.text((2, height + row * line_height + 1), line, fill="black", font=font)
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
+    # Level 1: ~6x faster than Pillow's default 6 for ~8% more bytes; /explain renders per request.
+    canvas.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -129,7 +129,7 @@ def classification_report(labels: Any, probs: Any, class_names: list[str]) -> Cl
     n, c = p.shape
     pred = p.argmax(axis=1)
     confusion = confusion_matrix(y, pred, c)
-    prf = _precision_recall_f1(confusion)
+    prf = precision_recall_f1(confusion)
     aurocs = per_class_auroc(y, p)
     used = [a for a in aurocs if a is not None]
     ece, bins = expected_calibration_error(y, p)
@@ -280,7 +280,7 @@ def most_confused_pairs(
     return pairs
 
 
-def _precision_recall_f1(confusion: np.ndarray) -> dict[str, Any]:
+def precision_recall_f1(confusion: np.ndarray) -> dict[str, Any]:
     """Per-class P/R/F1 plus macro and support-weighted averages, scikit-learn's conventions."""
     tp = np.diag(confusion).astype(np.float64)
     support = confusion.sum(axis=1).astype(np.float64)

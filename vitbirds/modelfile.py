@@ -23,6 +23,8 @@ from vitbirds.errors import ModelFileError, UnsafeModelFileError
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
+# Written beside the weights by training (the monitoring job's reference profile).
+OPTIONAL_FILES = ("reference.safetensors", "reference.json")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 
 
@@ -173,7 +175,11 @@ def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     if not (target / METADATA_FILE).is_file():
         target.mkdir(parents=True, exist_ok=True)
         source_fs, source_path = pafs.FileSystem.from_uri(uri)
-        for name in (WEIGHTS_FILE, METADATA_FILE):
+        for name in (WEIGHTS_FILE, METADATA_FILE, *OPTIONAL_FILES):
+            if name in OPTIONAL_FILES and (
+                source_fs.get_file_info(f"{source_path}/{name}").type == pafs.FileType.NotFound
+            ):
+                continue
             pafs.copy_files(
                 f"{source_path}/{name}",
                 str(target / name),

@@ -55,7 +55,7 @@ from vitbirds.drift import (
     topk_entropy,
 )
 from vitbirds.errors import ConfigError, DataError
-from vitbirds.metrics import _precision_recall_f1, confusion_matrix, per_class_auroc
+from vitbirds.metrics import confusion_matrix, per_class_auroc, precision_recall_f1
 from vitbirds.predictions import PredictionLogContents
 from vitbirds.reference import UNKNOWN_LABEL, ModelOutputs, ReferenceProfile
 
@@ -485,7 +485,7 @@ def _quality_statistic(
     def statistic(indices: np.ndarray) -> np.ndarray:
         y = labels[indices]
         confusion = confusion_matrix(y, predicted[indices], num_classes)
-        values = [np.trace(confusion) / len(y), _precision_recall_f1(confusion)["macro_f1"]]
+        values = [np.trace(confusion) / len(y), precision_recall_f1(confusion)["macro_f1"]]
         if with_auroc:
             aurocs = [a for a in per_class_auroc(y, probs[indices]) if a is not None]
             values.append(np.mean(aurocs) if aurocs else np.nan)

@@ -180,7 +180,7 @@ class TrainingRun:
 
     def evaluation_model(self) -> nn.Module:
         """The EMA weights when enabled (they generalise better), else the trained model."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else unwrap_model(self.model)
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable[Batch], model: nn.Module | None = None) -> dict[str, float]:

@@ -93,7 +93,7 @@ def main() -> None:
 
         from vitbirds.ray_train import connect
 
-        connect("local", num_cpus=cpus)
+        connect("local", num_cpus=cpus, include_dashboard=False)  # lighter start on 2 cores
         one, one_startup = ray_train(recipe, f"{scratch}/runs", 1, cpus, cache_dir)
         two, two_startup = ray_train(recipe, f"{scratch}/runs", 2, max(1, cpus // 2), cache_dir)
         # Measured again after the Ray runs: on a shared machine the load drifts, and the mean

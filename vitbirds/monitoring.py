@@ -84,8 +84,8 @@ class MonitorConfig:
     min_samples: int = 50  # fewer predictions: no verdict
     min_labelled: int = 30  # fewer labelled predictions: labelled metrics are skipped
     window_min_samples: int = 20  # a time window with fewer predictions is shown, not tested
-    permutations: int = 500  # MMD permutation test
-    max_samples: int = 500  # per side, for MMD and the domain classifier (quadratic cost)
+    permutations: int = 1000  # of the MMD and class tests: p-values resolve down to 1/1001
+    max_samples: int = 1000  # per side, for MMD and the domain classifier (quadratic cost)
     bootstrap_resamples: int = 1000
     confidence: float = 0.95  # of the bootstrap intervals
     seed: int = 0
@@ -104,6 +104,11 @@ class MonitorConfig:
         for name in ("min_samples", "min_labelled", "window_min_samples", "permutations"):
             if getattr(self, name) < 2:
                 raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}")
+        if 1.0 / (self.permutations + 1) >= self.alpha_per_test:
+            raise ConfigError(
+                f"{self.permutations} permutations cannot give a p-value below alpha / "
+                f"{len(LABEL_FREE_TESTS)} = {self.alpha_per_test:.2g}: use more"
+            )
 
     @property
     def alpha_per_test(self) -> float:

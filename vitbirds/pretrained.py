@@ -22,7 +22,9 @@ def adapt_timm_state_dict(
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.grid_size)
+        state["pos_embed"] = resize_pos_embed(
+            state["pos_embed"], model.grid_size, model.num_prefix_tokens
+        )
     if (
         state.get("head.weight") is not None
         and state["head.weight"].shape != own["head.weight"].shape

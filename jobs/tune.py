@@ -248,10 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         epochs = fitted.train.epochs
         concurrent = ray_tune.concurrent_trials(sweep)
+        stopping = (
+            f"ASHA grace {sweep.grace_period} reduction {sweep.reduction_factor}"
+            if sweep.grace_period < epochs
+            else "no early stopping (grace period >= epochs)"
+        )
         print(
             f"sweep {sweep.name}: {sweep.search} search, {sweep.samples} sample(s) of "
-            f"{describe_space(sweep.space)}; {epochs} epochs per trial, ASHA grace "
-            f"{min(sweep.grace_period, epochs)} reduction {sweep.reduction_factor}; "
+            f"{describe_space(sweep.space)}; {epochs} epochs per trial, {stopping}; "
             f"{concurrent} trial(s) at a time, {sweep.num_workers} worker(s) each; "
             f"data: {data_label(splits)}",
             flush=True,
@@ -302,13 +306,18 @@ def report(
         "best_params": best.params,
         "best_val_top1": best.val_top1,
         "best_model": str(out / "best_model"),
+        "evaluated_split": outcome.evaluated_split,  # valid when the data has no test split
         "evaluation": outcome.metrics,
         "reproduce": command,
         **saved,
     }
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tracker = make_tracker(sweep.tracker, run_name=sweep.name, storage_path=sweep.storage_path)
+    try:
+        tracker = make_tracker(sweep.tracker, run_name=sweep.name, storage_path=sweep.storage_path)
+    except VitbirdsError as error:
+        print(f"error: {error} (the results are in {out})", file=sys.stderr)
+        return 2
     log_sweep(
         tracker, sweep, rows, best=best, summary=summary,
         artifacts=[*paths, plot, summary_path, out / "best_model"],

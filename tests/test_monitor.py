@@ -194,8 +194,8 @@ def _assessment(p: dict[str, float], *, estimated: float = 0.8, domain: float = 
     )
 
 
-def _labelled(drop: float, low: float) -> LabelledMetrics:
-    interval = Interval(drop, low, drop + 0.05, 0.95)
+def _labelled(drop: float, p_value: float) -> LabelledMetrics:
+    interval = Interval(drop, drop - 0.05, drop + 0.05, 0.95, p_value)
     return LabelledMetrics(300, {"accuracy": Interval(0.8 - drop, 0, 1, 0.95)}, {},
                            {"accuracy": interval}, [])  # fmt: skip
 
@@ -209,11 +209,11 @@ def _labelled(drop: float, low: float) -> LabelledMetrics:
         (_assessment({"confidence": 1e-4}, estimated=0.65), Decision.RETRAIN),
         (_assessment({"confidence": 1e-4}, estimated=0.75), Decision.WATCH),
         (_assessment({"embedding_mmd": 1e-3}, domain=0.95), Decision.RETRAIN),
-        (_assessment({"embedding_mmd": 1e-3}, domain=0.95, labelled=_labelled(0.0, -0.05)),
+        (_assessment({"embedding_mmd": 1e-3}, domain=0.95, labelled=_labelled(0.0, 0.5)),
          Decision.WATCH),
-        (_assessment({}, labelled=_labelled(0.15, 0.05)), Decision.RETRAIN),
-        (_assessment({}, labelled=_labelled(0.05, 0.01)), Decision.WATCH),
-        (_assessment({}, labelled=_labelled(0.15, -0.01)), Decision.OK),  # CI includes no drop
+        (_assessment({}, labelled=_labelled(0.15, 1e-4)), Decision.RETRAIN),
+        (_assessment({}, labelled=_labelled(0.05, 1e-4)), Decision.WATCH),
+        (_assessment({}, labelled=_labelled(0.15, 0.01)), Decision.OK),  # not significant
     ],
 )  # fmt: skip
 def test_decision_rules(assessment, expected) -> None:

@@ -51,11 +51,11 @@ def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
-    # On a busy 2-core machine the dashboard agent can take longer to start than the raylet's
-    # default patience, and the raylet then aborts.
-    env["RAY_agent_register_timeout_ms"] = "120000"
     # Unix socket paths must stay under ~100 characters: a short temp dir, not tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="vbray-", dir="/tmp")
+    # Every port fixed: no clash with the shared test Ray, and the workaround named in
+    # ray-project/ray#65983 for raylets that abort ("node timed out during startup") when busy
+    # agents take over 15 s to publish dynamic ports.
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
     command = [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir]
     command += ["--include-dashboard", "true", "--disable-usage-stats"]

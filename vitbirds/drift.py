@@ -66,12 +66,17 @@ class DriftTestResult:
 
 @dataclass
 class Interval:
-    """A point estimate with a bootstrap confidence interval."""
+    """A point estimate with a bootstrap confidence interval.
+
+    For a difference, `p_value` is the share of bootstrap differences at or below zero: the
+    one-sided bootstrap p-value of "no drop".
+    """
 
     estimate: float
     low: float
     high: float
     confidence: float
+    p_value: float | None = None
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -375,9 +380,10 @@ def bootstrap_difference(
         random_state=np.random.default_rng(seed),
     )
     low, high = np.atleast_1d(result.confidence_interval.low, result.confidence_interval.high)
+    at_most_zero = np.mean(np.atleast_2d(result.bootstrap_distribution) <= 0, axis=-1)
     return [
-        Interval(float(e), float(lo), float(hi), confidence)
-        for e, lo, hi in zip(estimate, low, high, strict=True)
+        Interval(float(e), float(lo), float(hi), confidence, float(p))
+        for e, lo, hi, p in zip(estimate, low, high, at_most_zero, strict=True)
     ]
 
 

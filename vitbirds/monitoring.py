@@ -7,20 +7,22 @@ labelled folder (`Observations.from_outputs`) or from Serve's prediction log
 `ReferenceProfile` (vitbirds.reference) using the tests of `vitbirds.drift`:
 
 - label-free drift: top-1 confidence and entropy (KS), predicted-class mix (chi-square, PSI),
-  embeddings (MMD permutation test); each at alpha / 4 (Bonferroni), so one assessment of data
-  from the reference distribution raises a false alarm with probability at most `alpha`;
+  embeddings (MMD permutation test), Bonferroni-corrected (see below);
 - effect sizes: the ATC accuracy estimate (Garg et al. 2022) and the mean temperature-scaled
   confidence against the reference accuracy; a domain classifier's AUROC on the embeddings;
 - with labels: accuracy, macro F1 and one-vs-rest AUROC with bootstrap CIs, their drop from the
   reference with a CI, and the classes whose recall fell (Fisher exact, BH q-values).
 
 Decision rules (thresholds in `MonitorConfig`):
-- RETRAIN: accuracy fell by at least `retrain_accuracy_drop` — measured, with a CI excluding no
-  drop, when labels are there; otherwise estimated by ATC while the confidence distribution moved
-  significantly — or, without labels, the inputs left the training domain (domain AUROC at least
-  `severe_domain_auroc` and significant MMD), where confidence no longer estimates accuracy.
+- RETRAIN: accuracy fell by at least `retrain_accuracy_drop` — measured (the drop significant by
+  bootstrap) when labels are there; otherwise estimated (calibrated confidence or ATC) while the
+  confidence distribution moved significantly — or, without labels, the inputs left the training
+  domain (domain AUROC at least `severe_domain_auroc` and significant MMD), where confidence no
+  longer estimates accuracy.
 - WATCH: any drift test significant, or a significant but smaller measured accuracy drop, or a
-  class whose recall fell significantly.
+  class whose recall fell significantly (BH q-value below the per-test alpha).
+Every alarm is a test at alpha / (number of tests): 4 without labels, 6 with them (the accuracy
+drop and the class drops), so data like the reference raises one with probability <= alpha.
 - OK: none of these. Fewer than `min_samples` predictions get OK with a note: no test has power.
 
 A log is cut into time windows for the report's "drift over time"; the decision uses the latest
@@ -104,10 +106,11 @@ class MonitorConfig:
         for name in ("min_samples", "min_labelled", "window_min_samples", "permutations"):
             if getattr(self, name) < 2:
                 raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}")
-        if 1.0 / (self.permutations + 1) >= self.alpha_per_test:
+        strictest = self.alpha / (len(LABEL_FREE_TESTS) + 2)  # with labels: 2 more tests
+        if 1.0 / (self.permutations + 1) >= strictest:
             raise ConfigError(
-                f"{self.permutations} permutations cannot give a p-value below alpha / "
-                f"{len(LABEL_FREE_TESTS)} = {self.alpha_per_test:.2g}: use more"
+                f"{self.permutations} permutations cannot give a p-value below the strictest "
+                f"per-test alpha {strictest:.2g}: use more"
             )
 
     @property
@@ -343,7 +346,7 @@ def assess(
         num_observed=len(observed),
         num_reference=len(reference),
         tests={},
-        alpha_per_test=config.alpha_per_test,
+        alpha_per_test=config.alpha_per_test,  # labelled data adds two tests: see below
         reference_accuracy=profile.accuracy,
         estimated_accuracy=calibrated_accuracy(observed, profile.temperature),
         atc_accuracy=atc_estimate(observed.confidence, profile.atc_threshold),
@@ -364,6 +367,8 @@ def assess(
     labelled = observed.subset(np.flatnonzero(observed.labels != UNKNOWN_LABEL))
     if len(labelled) >= config.min_labelled:
         assessment.labelled = labelled_metrics(reference, labelled, profile.class_names, config)
+        # The accuracy drop and the per-class drops are two more ways to raise an alarm.
+        assessment.alpha_per_test = config.alpha / (len(LABEL_FREE_TESTS) + 2)
     assessment.decision, assessment.reasons = decide(assessment, config)
     return assessment
 
@@ -386,15 +391,14 @@ def decide(assessment: Assessment, config: MonitorConfig) -> tuple[Decision, lis
             f"(drop {drop.estimate:.1%}, {drop.confidence:.0%} CI {drop.low:.1%}..{drop.high:.1%}"
             f", {labelled.num_labelled} labelled)"
         )
-        if drop.low > 0 and drop.estimate >= config.retrain_accuracy_drop:
+        dropped = drop.p_value is not None and drop.p_value < alpha
+        if dropped and drop.estimate >= config.retrain_accuracy_drop:
             retrain.append(f"{measured} >= {config.retrain_accuracy_drop:.0%}")
-        elif drop.low > 0:
-            watch.append(measured)
-        significant_drops = [d.name for d in labelled.dropped_classes if d.q_value < 0.05]
-        if significant_drops:
-            watch.append(
-                f"recall fell significantly (q < 0.05) for: {', '.join(significant_drops)}"
-            )
+        elif dropped:
+            watch.append(f"{measured}, bootstrap p={drop.p_value:.2g} < {alpha:.2g}")
+        fallen = [d.name for d in labelled.dropped_classes if d.q_value < alpha]
+        if fallen:
+            watch.append(f"recall fell significantly (q < {alpha:.2g}) for: {', '.join(fallen)}")
     else:
         confidence_moved = tests["confidence"].p_value < alpha
         estimates = {

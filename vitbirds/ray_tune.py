@@ -2,8 +2,9 @@
 
 Ray 2.60's Train v2 pattern: the Tune trial is a small driver function that builds the run's
 TorchTrainer (`vitbirds.ray_train.build_trainer`) with a `TuneReportCallback` and calls `fit()`.
-Ray Train reports each epoch to Tune, so ASHA sees `val_top1` per epoch and stops a trial by
-ending its driver, whose Train workers go with it. One trial can use several workers or GPUs.
+Ray Train reports each epoch to Tune, so ASHA sees `val_top1` per epoch; a trial it stops
+aborts its Train run (workers and their placement group) as it ends. One trial can use several
+workers or GPUs.
 
 - Resources: the trial driver reserves only a little memory; its Train workers reserve the CPUs
   and GPUs, and `max_concurrent_trials` is the number of trials whose workers fit at once.
@@ -18,7 +19,6 @@ ending its driver, whose Train workers go with it. One trial can use several wor
 
 import contextlib
 import json
-import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,8 +44,6 @@ from vitbirds.sweep import (
     trial_row,
 )
 
-logger = logging.getLogger(__name__)
-
 SWEEP_FILE = "sweep.json"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes: the trial only drives its TorchTrainer
 
@@ -59,8 +57,8 @@ def train_storage(sweep: SweepConfig) -> str:
     return str(experiment_path(sweep) / "train")
 
 
-def train_run_name(sweep: SweepConfig, trial_id: str) -> str:
-    return f"{sweep.name}-{trial_id}"
+def train_run_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
 
 
 def per_trial_resources(sweep: SweepConfig) -> dict[str, float]:
@@ -139,7 +137,7 @@ def _run_trial(config: dict[str, Any], base_job: ray_train.TrainJob, sweep_name:
     job = replace(
         base_job,
         recipe=apply_params(base_job.recipe, config),
-        run_name=f"{sweep_name}-{trial_id}",
+        run_name=train_run_name(sweep_name, trial_id),
     )
     report = _ReportToTune(ray.get_runtime_context().current_actor)
     ray_train.build_trainer(job, callbacks=[report]).fit()
@@ -291,7 +289,7 @@ def _row(result: Any, sweep: SweepConfig, epochs: int) -> TrialRow:
         params=params,
         history=history,
         max_epochs=epochs,
-        train_run=train_run_name(sweep, trial_id),
+        train_run=train_run_name(sweep.name, trial_id),
         error=error,
     )
 

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ray
 import requests
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray import serve
 
 from serve.inference import BatchPredictor, ImagePreprocessor, top_k
 from serve.schemas import ServeSettings
@@ -182,11 +185,6 @@ def bench_naive(args, model_dir: Path, photos: list[bytes]) -> dict[str, dict]:
 
 
 def bench_serve(args, model_dir: Path, photos: list[bytes], work: Path) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
-    # A small object store: only small tensors travel, and a big one is slow to set up.
-    ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     settings = ServeSettings(
         model_dir=str(model_dir),
         prediction_log=str(work / "predictions.jsonl"),
@@ -202,7 +200,6 @@ def bench_serve(args, model_dir: Path, photos: list[bytes], work: Path) -> dict[
         return results
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def main() -> None:
@@ -234,6 +231,10 @@ def main() -> None:
     valid = data / "cub100" / "valid"
     photos = load_photos(valid, args.photos)
     load_at_start = os.getloadavg()[0]
+    # Ray first: its idle daemons then run under every measurement alike, and a Ray that cannot
+    # start on a busy machine fails the run before minutes of measuring. A small object store:
+    # only small tensors travel, and a big one is slow to set up.
+    ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)
         model_dir = make_model_dir(work / "model", photo_classes(valid), preset=args.preset)
@@ -245,6 +246,7 @@ def main() -> None:
         limit = max(limits.values())
         naive = bench_naive(args, model_dir, photos)
         served = bench_serve(args, model_dir, photos, work)
+    ray.shutdown()
 
     top = f"c{max(args.concurrency)}"
     serve_rps = served[top]["requests_per_s"]

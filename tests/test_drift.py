@@ -8,6 +8,7 @@ from scipy.stats import entropy
 from vitbirds.drift import (
     atc_estimate,
     atc_threshold,
+    auroc_of_resamples,
     bootstrap_difference,
     bootstrap_interval,
     class_drops,
@@ -19,6 +20,7 @@ from vitbirds.drift import (
     scaled_confidence,
     topk_entropy,
 )
+from vitbirds.metrics import per_class_auroc
 
 NAMES = [f"class{i}" for i in range(20)]
 
@@ -132,3 +134,14 @@ def test_class_drops_flags_the_class_whose_recall_collapsed() -> None:
     drops = class_drops(labels, reference_correct, labels, observed_correct, NAMES[:4])
     assert [d.name for d in drops] == ["class2", "class1"]
     assert drops[0].q_value < 0.001 and drops[1].q_value > 0.05
+
+
+def test_bootstrapped_auroc_equals_the_metrics_module_on_every_resample_ties_included() -> None:
+    rng = np.random.default_rng(11)
+    probs = softmax(rng.normal(size=(80, 6)), axis=1).round(2)  # rounding makes ties
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = rng.integers(0, 6, 80)
+    auroc = auroc_of_resamples(labels, probs)
+    for indices in [np.arange(80), *(rng.integers(0, 80, 80) for _ in range(5))]:
+        expected = [a for a in per_class_auroc(labels[indices], probs[indices]) if a is not None]
+        assert auroc(indices) == pytest.approx(np.mean(expected))

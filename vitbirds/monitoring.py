@@ -46,6 +46,7 @@ from vitbirds.drift import (
     DriftTestResult,
     Interval,
     atc_estimate,
+    auroc_of_resamples,
     bootstrap_difference,
     bootstrap_interval,
     class_drops,
@@ -57,7 +58,7 @@ from vitbirds.drift import (
     topk_entropy,
 )
 from vitbirds.errors import ConfigError, DataError
-from vitbirds.metrics import confusion_matrix, per_class_auroc, precision_recall_f1
+from vitbirds.metrics import confusion_matrix, precision_recall_f1
 from vitbirds.predictions import PredictionLogContents
 from vitbirds.reference import UNKNOWN_LABEL, ModelOutputs, ReferenceProfile
 
@@ -489,15 +490,14 @@ def _quality_statistic(
     observations: Observations, num_classes: int, with_auroc: bool
 ) -> Callable[[np.ndarray], np.ndarray]:
     """indices -> [accuracy, macro F1(, macro AUROC)] of those rows, metrics.py's conventions."""
-    labels, predicted, probs = observations.labels, observations.predicted, observations.probs
+    labels, predicted = observations.labels, observations.predicted
+    auroc = auroc_of_resamples(labels, observations.probs) if with_auroc else None
 
     def statistic(indices: np.ndarray) -> np.ndarray:
-        y = labels[indices]
-        confusion = confusion_matrix(y, predicted[indices], num_classes)
-        values = [np.trace(confusion) / len(y), precision_recall_f1(confusion)["macro_f1"]]
-        if with_auroc:
-            aurocs = [a for a in per_class_auroc(y, probs[indices]) if a is not None]
-            values.append(np.mean(aurocs) if aurocs else np.nan)
+        confusion = confusion_matrix(labels[indices], predicted[indices], num_classes)
+        values = [np.trace(confusion) / len(indices), precision_recall_f1(confusion)["macro_f1"]]
+        if auroc is not None:
+            values.append(auroc(indices))
         return np.array(values)
 
     return statistic

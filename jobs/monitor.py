@@ -199,9 +199,12 @@ def auto_window(observed: Observations) -> timedelta:
 
 
 def retrain_command(args: argparse.Namespace, metadata: ModelMetadata) -> list[str]:
-    """jobs/train.py on the model's data (from its metadata), then the user's --train-args."""
+    """jobs/train.py with the model's preset and data (from its metadata), then the user's
+    --train-args, which win (argparse keeps the last value of a flag)."""
     data_config = metadata.extra.get("data_config", {})
     command = [args.python, "jobs/train.py"]
+    if metadata.extra.get("preset"):
+        command += ["--preset", str(metadata.extra["preset"])]
     if not metadata.synthetic and metadata.data.get("root"):
         command += ["--data-dir", str(metadata.data["root"])]
     for flag, key in (("--num-classes", "num_classes"), ("--images-per-class", "images_per_class")):

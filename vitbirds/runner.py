@@ -70,17 +70,17 @@ def synthetic_dataset(data_cfg: DataConfig, cache_dir: Path) -> Path:
     size = max(32, round(data_cfg.image_size * data_cfg.decode_scale))
     name = f"synthetic-v{GENERATOR_VERSION}-c{num_classes}-n{per_class}-{size}px-s{data_cfg.seed}"
     root = cache_dir / name
+    options = {
+        "num_classes": num_classes,
+        "images_per_class": per_class,
+        "image_size": size,
+        "seed": data_cfg.seed,
+    }
     if root.is_dir():
-        return make_synthetic_dataset(
-            root, num_classes=num_classes, images_per_class=per_class, image_size=size,
-            seed=data_cfg.seed,
-        )  # fmt: skip
+        return make_synthetic_dataset(root, **options)
     private = cache_dir / f".{name}.{os.getpid()}"
     shutil.rmtree(private, ignore_errors=True)
-    make_synthetic_dataset(
-        private, num_classes=num_classes, images_per_class=per_class, image_size=size,
-        seed=data_cfg.seed,
-    )  # fmt: skip
+    make_synthetic_dataset(private, **options)
     try:
         private.rename(root)
     except OSError:  # another process finished first; its copy is byte-identical

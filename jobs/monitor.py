@@ -50,6 +50,7 @@ from vitbirds.monitoring import (
 from vitbirds.paths import repo_root
 from vitbirds.predictions import read_log
 from vitbirds.reference import (
+    REFERENCE_JSON,
     ReferenceProfile,
     build_reference_profile,
     image_dataset,
@@ -97,18 +98,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     retrain = parser.add_argument_group("retraining")
     retrain.add_argument("--submit", action="store_true", help="on RETRAIN, submit the Ray job")
     retrain.add_argument(
-        "--ray-address",
-        default=os.environ.get("RAY_API_SERVER_ADDRESS")
-        or os.environ.get("RAY_ADDRESS", "").replace("ray://", "http://")
-        or DEFAULT_RAY_ADDRESS,
-        help="the cluster's dashboard (job API) address",
-    )
+        "--ray-address", default=default_ray_address(),
+        help="the cluster's dashboard (job API) address, as `ray job submit --address` takes",
+    )  # fmt: skip
     retrain.add_argument("--train-args", default="", help="extra jobs/train.py flags, quoted")
     retrain.add_argument(
         "--retrain-storage", default=str(repo_root() / "runs"), help="--storage-path of the job"
     )
     retrain.add_argument("--python", default="python", help="interpreter on the cluster")
     return parser.parse_args(argv)
+
+
+def default_ray_address() -> str:
+    """Where `ray job submit` would send the job: RAY_API_SERVER_ADDRESS, an http(s) RAY_ADDRESS,
+    else the local dashboard."""
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(name, "").startswith(("http://", "https://")):
+            return os.environ[name]
+    return DEFAULT_RAY_ADDRESS
 
 
 def monitor_config(args: argparse.Namespace) -> MonitorConfig:
@@ -127,7 +134,7 @@ def monitor_config(args: argparse.Namespace) -> MonitorConfig:
 def reference_profile(args: argparse.Namespace) -> ReferenceProfile:
     """The model's profile; built from --reference-data's valid split when it has none."""
     model_dir = args.model
-    if args.reference_data is None or (model_dir / "reference.json").is_file():
+    if args.reference_data is None or (model_dir / REFERENCE_JSON).is_file():
         return load_reference_profile(model_dir)
     loaded = load_model(model_dir)
     splits = discover_dataset(args.reference_data)

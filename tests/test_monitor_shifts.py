@@ -1,6 +1,5 @@
-"""The monitor on real photos: a small ViT trained on the 36 CUB species that the Kaggle dataset
-also has, judged without labels on data it never saw (jobs/bench_drift.py prints the full table).
-"""
+"""The monitor on real photos: a small ViT trained on the 100 CUB species, judged without labels
+on photos it never saw (jobs/bench_drift.py prints the full shift x strength table)."""
 
 import json
 import subprocess
@@ -11,24 +10,21 @@ import numpy as np
 import pytest
 from torch.utils.data import Subset
 
-from vitbirds.data.sources import Sample, discover_dataset
+from vitbirds.data.sources import discover_dataset
 from vitbirds.modelfile import load_model
-from vitbirds.monitoring import MonitorConfig
-from vitbirds.reference import UNKNOWN_LABEL, image_dataset, load_reference_profile
+from vitbirds.reference import image_dataset, load_reference_profile, samples_for_model
 from vitbirds.shifts import (
     SHIFTS,
     Subject,
     get_shift,
     noise_images,
     run_scenario,
-    shared_species,
     subject_recipe,
     train_subject,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBSETS = 6
-STRENGTHS = (0.25, 0.5, 1.0)
+SUBSETS = 4
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,12 @@ def kaggle(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cub_subject(shared_data: Path, kaggle: Path, tmp_path_factory) -> Subject:
-    """~30% top-1 on 36 species at 32 px: ~1 min of 2-core CPU. A quarter of each species'
-    training photos is held out as new data of the training distribution."""
-    cub = shared_data / "cub100"
-    species = shared_species(discover_dataset(cub).classes, discover_dataset(kaggle).classes)
-    assert len(species) == 36
+def cub_subject(shared_data: Path, tmp_path_factory) -> Subject:
+    """~13% top-1 on 100 species at 32 px (chance 1%) after 10 epochs, ~1 min of 2-core CPU; a
+    quarter of each species' training photos (600) is held out as new same-distribution data,
+    the 599 valid photos are the reference."""
     out = tmp_path_factory.mktemp("cub") / "model"
-    return train_subject(cub, subject_recipe(epochs=20), out, classes=species)
+    return train_subject(shared_data / "cub100", subject_recipe(epochs=10), out)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +54,10 @@ def test_random_subsets_of_the_training_distribution_raise_no_false_retrain(
     rng = np.random.default_rng(0)
     decisions = []
     for i in range(SUBSETS):
-        subset = Subset(held, rng.choice(len(held), 100, replace=False).tolist())
+        subset = Subset(held, rng.choice(len(held), 200, replace=False).tolist())
         row, _ = run_scenario(loaded, profile, subset, scenario=f"same {i}")
         decisions.append(row.decision)
-    # alpha = 1% per assessment: even one WATCH in six would be unlucky; a RETRAIN is a bug
+    # alpha = 1% per assessment: even one WATCH in four would be unlucky; a RETRAIN is a bug
     assert "RETRAIN" not in decisions and decisions.count("WATCH") <= 1, decisions
 
 
@@ -72,35 +66,34 @@ def test_image_shifts_are_caught_and_their_evidence_grows_with_strength(
     cub_subject, model, shift
 ) -> None:
     loaded, profile = model
+    photos = cub_subject.held_out[::2]  # 300 photos, every species
     rows = [
         run_scenario(
-            loaded, profile,
-            image_dataset(cub_subject.held_out, loaded.metadata, perturb=get_shift(shift, s)),
+            loaded, profile, image_dataset(photos, loaded.metadata, perturb=get_shift(shift, s)),
             scenario=shift, strength=s,
         )[0]
-        for s in STRENGTHS
+        for s in (0.25, 1.0)
     ]  # fmt: skip
     assert rows[-1].decision != "OK", rows[-1].reasons
-    smallest_p = [min(r.p_values.values()) for r in rows]
-    assert smallest_p[-1] <= smallest_p[0]
     assert rows[-1].domain_auroc > rows[0].domain_auroc
+    assert min(rows[-1].p_values.values()) <= min(rows[0].p_values.values())
 
 
-def test_photos_from_another_dataset_are_caught(model, kaggle) -> None:
+def test_kaggle_photos_of_the_same_species_are_caught_without_labels(model, kaggle) -> None:
     loaded, profile = model
     other = discover_dataset(kaggle)
-    photos = other.train + other.valid + other.test
-    picked = np.random.default_rng(0).choice(len(photos), 216, replace=False)
-    samples = [Sample(photos[i].path, UNKNOWN_LABEL) for i in sorted(picked)]
-    row, _ = run_scenario(
-        loaded, profile, image_dataset(samples, loaded.metadata), scenario="kaggle"
+    photos = samples_for_model(other.train + other.valid + other.test, other.classes,
+                               profile.class_names)  # fmt: skip
+    row, assessment = run_scenario(
+        loaded, profile, image_dataset(photos, loaded.metadata), scenario="kaggle"
     )
     assert row.decision != "OK", row
+    assert "embedding_mmd" in assessment.significant
 
 
 def test_noise_images_mean_retrain(model) -> None:
     loaded, profile = model
-    row, assessment = run_scenario(loaded, profile, noise_images(216, loaded), scenario="noise")
+    row, assessment = run_scenario(loaded, profile, noise_images(200, loaded), scenario="noise")
     assert row.decision == "RETRAIN"
     assert any("separable" in reason for reason in assessment.reasons)
 
@@ -117,8 +110,9 @@ def test_the_job_measures_a_cub_model_on_kaggle_photos_of_the_same_species(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "monitor.json").read_text())
     source, labelled = result["source"], result["assessment"]["labelled"]
-    assert source["images"] > 3000 and 150 < source["images_of_model_classes"] < 400
+    assert source["images"] > 3000 and 150 < source["images_of_model_classes"] < 400  # 36 species
+    assert labelled["num_labelled"] == source["images_assessed"]
     accuracy = labelled["observed"]["accuracy"]
     assert accuracy["low"] < accuracy["estimate"] < accuracy["high"]
-    assert labelled["num_labelled"] == source["images_assessed"]
-    assert MonitorConfig().min_labelled <= labelled["num_labelled"]
+    # the model is no worse on Kaggle's photos of its species: drift, but nothing to retrain
+    assert result["assessment"]["decision"] != "RETRAIN"

@@ -80,8 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labeled-data", type=Path, help="a folder of new labelled photos")
     source.add_argument("--prediction-log", type=Path, help="Serve's predictions.jsonl")
-    add("--out", type=Path, help="where monitor.json and report.html go (default: MODEL/monitor)")
-    add("--window", help="time window of the log: 30m, 6h, 1d; the decision uses the latest")
+    add("--out", type=Path, help="folder for monitor.json and report.html (None: MODEL/monitor)")
+    add(
+        "--window",
+        help="time windows of the log (30m, 6h, 1d); the verdict is on the latest ones "
+        "(None: on the whole log, cut into 8 windows for the report)",
+    )
     add("--max-images", type=int, default=2000, help="seeded sample of --labeled-data")
     add(
         "--reference-data",

@@ -9,6 +9,8 @@ import pytest
 from vitbirds.paths import shared_data_dir
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray aborts a local start when its agents take over 15 s, which a loaded 2-core box can exceed.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from vitbirds.modelfile import load_model, read_metadata
 from vitbirds.presets import get_recipe
 from vitbirds.ray_train import TrainJob, run_training
+from vitbirds.reference import load_reference_profile
 from vitbirds.runner import build_run_model
 from vitbirds.tracking import default_mlflow_uri
 
@@ -54,6 +55,12 @@ def test_two_worker_run_exports_a_model_that_loads_and_predicts(cli_run) -> None
     assert load_model(cli_run["out"] / "models" / "latest").metadata.version == (
         loaded.metadata.version
     )
+
+
+def test_the_export_carries_the_monitoring_reference_profile(cli_run) -> None:
+    profile = load_reference_profile(cli_run["summary"]["model_dir"])
+    assert profile.class_names == load_model(cli_run["summary"]["model_dir"]).metadata.class_names
+    assert len(profile.outputs.labels) > 0 and 0.0 <= profile.accuracy <= 1.0
 
 
 def test_every_epoch_is_reported_and_checkpointed_in_the_training_format(cli_run) -> None:

@@ -448,6 +448,7 @@ def _train_and_export(
         log_to_tracker,
         write_report,
     )
+    from vitbirds.reference import build_reference_profile, save_reference_profile
 
     tracker.log_params({**job.to_dict(), "system": system_info(job)})
     tracker.set_tags(
@@ -533,6 +534,11 @@ def _train_and_export(
             )
         metadata.metrics = metrics
         save_model(staging / "model", loaded.model, metadata)
+        # The monitoring job compares live traffic against this profile of the valid split.
+        profile = build_reference_profile(
+            loaded, splits.valid, split="valid", data=splits.describe()
+        )
+        save_reference_profile(staging / "model", profile)
         model_dir = _publish(staging / "model", f"{storage}/{job.run_name}/model")
         eval_target = _publish(eval_dir, f"{storage}/{job.run_name}/evaluation")
         if job.evaluate:

@@ -82,7 +82,7 @@ def test_retrain_submits_a_training_job_that_succeeds_on_the_cluster(
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (status := client.get_job_status(job_id)) not in JobStatus.terminal_states():
+    while not (status := client.get_job_status(job_id)).is_terminal():
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
         time.sleep(3)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]

@@ -295,41 +295,34 @@ def test_the_job_on_a_log_whose_last_hour_is_noise_says_retrain_and_reports_over
     assert 'class="verdict RETRAIN"' in page and 'id="windows"' in page
 
 
-def test_the_job_on_labelled_photos_measures_quality_and_logs_to_mlflow(subject, tmp_path) -> None:
+def test_the_job_builds_a_missing_profile_measures_labelled_photos_and_logs_to_mlflow(
+    subject, tmp_path
+) -> None:
+    model = tmp_path / "model"  # the subject's weights without their reference profile
+    model.mkdir()
+    for name in ("model.safetensors", "metadata.json"):
+        (model / name).write_bytes((subject.model_dir / name).read_bytes())
+    log = tmp_path / "predictions.jsonl"
+    log.write_text("")
+    refused = monitor("--model", str(model), "--prediction-log", str(log))
+    assert refused.returncode == 2 and "--reference-data" in refused.stderr
+
     data = next(p for p in subject.held_out[0].path.parents if (p / "SYNTHETIC.json").is_file())
     out = tmp_path / "monitor"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "monitor.py"), "--model", str(subject.model_dir),
-         "--labeled-data", str(data), "--out", str(out), "--tracker", "mlflow",
-         "--storage-path", str(tmp_path / "runs")],
+        [sys.executable, str(ROOT / "jobs" / "monitor.py"), "--model", str(model),
+         "--labeled-data", str(data), "--reference-data", str(data), "--out", str(out),
+         "--tracker", "mlflow", "--storage-path", str(tmp_path / "runs")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (model / REFERENCE_JSON).is_file()
     result = json.loads((out / "monitor.json").read_text())
     labelled = result["assessment"]["labelled"]
     assert labelled["observed"]["accuracy"]["low"] <= labelled["observed"]["accuracy"]["estimate"]
     assert result["source"]["images_assessed"] == result["source"]["images"]
     client = MlflowClient(default_mlflow_uri(tmp_path / "runs"))
     (run,) = client.search_runs([client.get_experiment_by_name("vitbirds-monitor").experiment_id])
-    assert (
-        run.data.metrics["vitbirds_monitor_decision"]
-        == Decision(result["assessment"]["decision"]).level
-    )
-    assert run.data.tags["decision"] == result["assessment"]["decision"]
-
-
-def test_the_job_builds_a_missing_reference_profile_from_reference_data(subject, tmp_path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    for name in ("model.safetensors", "metadata.json"):
-        (model / name).write_bytes((subject.model_dir / name).read_bytes())
-    log = tmp_path / "predictions.jsonl"
-    log.write_text("")
-    done = monitor("--model", str(model), "--prediction-log", str(log))
-    assert done.returncode == 2 and "--reference-data" in done.stderr
-    data = next(p for p in subject.held_out[0].path.parents if (p / "SYNTHETIC.json").is_file())
-    done = monitor(
-        "--model", str(model), "--labeled-data", str(data), "--reference-data", str(data)
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (model / REFERENCE_JSON).is_file()
+    decision = result["assessment"]["decision"]
+    assert run.data.metrics["vitbirds_monitor_decision"] == Decision(decision).level
+    assert run.data.tags["decision"] == decision

@@ -1,5 +1,6 @@
 """On RETRAIN, `jobs/monitor.py --submit` starts a real training job on a Ray cluster with token
-authentication (the private head node of tests/test_ray_job_submit.py)."""
+authentication (the private head node of tests/test_ray_job_submit.py, imported from there; as a
+session fixture in conftest.py both modules would share one head and save ~1 minute)."""
 
 import json
 import os
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from test_monitor import write_log
-from test_ray_job_submit import token_cluster  # noqa: F401  (a fixture: see CONTRACT.md)
+from test_ray_job_submit import token_cluster  # noqa: F401  (its private head; see module doc)
 
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.modelfile import load_model
 from vitbirds.presets import get_recipe
-from vitbirds.reference import model_outputs
+from vitbirds.reference import REFERENCE_JSON, model_outputs
 from vitbirds.shifts import Subject, noise_images, train_subject
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,8 @@ def test_retrain_submits_a_training_job_that_succeeds_on_the_cluster(
     address, env = token_cluster
     summary = tmp_path / "summary.json"
     train_args = (
-        f"--preset vit-test --epochs 1 --images-per-class 10 --tracker none --summary {summary}"
+        "--preset vit-test --epochs 1 --images-per-class 10 --no-evaluate --tracker none "
+        f"--summary {summary}"
     )
     done = monitor(
         *noisy, env, "--ray-address", address, "--python", sys.executable,
@@ -88,3 +90,5 @@ def test_retrain_submits_a_training_job_that_succeeds_on_the_cluster(
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
     trained = json.loads(summary.read_text())
     assert trained["run_name"].startswith("retrain-") and load_model(trained["model_dir"])
+    # the retrained model carries its own reference profile: the next monitor run can start
+    assert (Path(trained["model_dir"]) / REFERENCE_JSON).is_file()

@@ -34,7 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--preset", default="vit-cpu", choices=list(PRESETS), help="model + training recipe"
+        "--preset",
+        default="vit-cpu-small-data",
+        choices=list(PRESETS),
+        help="model + training recipe",
     )
     data = parser.add_argument_group("data (default: the generated synthetic birds)")
     data.add_argument("--data-dir", help="Kaggle bird-species layout or any ImageFolder tree")
@@ -89,7 +92,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         return {name: value for name, value in values.items() if value is not None}
 
     data = given(
-        data_dir=args.data_dir, num_classes=args.num_classes,
+        data_dir=absolute(args.data_dir), num_classes=args.num_classes,
         images_per_class=args.images_per_class, seed=args.seed,
     )  # fmt: skip
     train = given(
@@ -101,7 +104,16 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         model=replace(recipe.model, **model),
         data=replace(recipe.data, **data),
         train=replace(recipe.train, **train, device=device_of(args)),
+        preset=args.preset,
     )
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute here, on the driver: Ray Train workers run in another working
+    directory, where a relative path would name nothing. URIs (gs://...) pass unchanged."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def device_of(args: argparse.Namespace) -> str:

@@ -9,7 +9,9 @@ explainer.
 `$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded in the ingress, so hostile bytes
 never reach a model replica, and the replicas exchange small tensors. Backpressure: past
 `max_queued_requests` the proxy (for the ingress) or the ingress (for the classifier) answers 503
-at once instead of letting a queue grow without bound.
+at once instead of letting a queue grow without bound. The ingress also re-assesses its own
+prediction log every few minutes (serve/drift_gauges.py) and exports the monitoring job's headline
+numbers as Prometheus gauges and at `GET /drift`.
 """
 
 import asyncio
@@ -34,6 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from serve.drift_gauges import DriftWatcher
 from serve.inference import (
     BatchPredictor,
     ClassifierOutput,
@@ -43,6 +46,7 @@ from serve.inference import (
 )
 from serve.schemas import (
     BatchStats,
+    DriftStatus,
     ErrorResponse,
     ExplainResponse,
     FeedbackRequest,
@@ -106,6 +110,15 @@ def _confidence() -> metrics.Histogram:
         "vitbirds_prediction_confidence",
         description="Top-1 probability of each prediction.",
         boundaries=CONFIDENCE_BUCKETS,
+    )
+
+
+@cache
+def _drift_gauge(name: str) -> metrics.Gauge:
+    return metrics.Gauge(
+        name,
+        description="jobs/monitor.py's headline number on the prediction log's latest window.",
+        tag_keys=("model_version",),
     )
 
 
@@ -308,7 +321,21 @@ class Ingress:
             PredictionLog(log_path(local_dir, settings.prediction_log))
         )
         self.index_html = (STATIC_DIR / "index.html").read_text()
+        self.drift = DriftWatcher(
+            local_dir,
+            self.log.path,
+            model_version=self.metadata.version,
+            class_names=self.metadata.class_names,
+            window=settings.drift_window,
+            interval_s=settings.drift_interval_s,
+            publish=self._publish_drift,
+        )
+        self.drift.start()
         logger.info("Ingress: prediction log %s", self.log.path)
+
+    def _publish_drift(self, gauges: dict[str, float]) -> None:
+        for name, value in gauges.items():
+            _drift_gauge(name).set(value, tags={"model_version": self.metadata.version})
 
     async def _decode(self, decoder: Callable[[bytes], T], data: bytes) -> T:
         """Runs a decoder in a worker thread (Pillow releases the GIL); bad images become 4xx."""
@@ -411,6 +438,14 @@ class Ingress:
             model_version=self.metadata.version,
             classifier=stats,
         )
+
+    @api.get("/drift", response_model=DriftStatus)
+    async def drift(self, refresh: bool = False) -> DriftStatus:
+        """The latest live drift assessment of the prediction log (serve/drift_gauges.py);
+        `refresh=true` assesses the latest window now instead of waiting for the next round."""
+        if refresh:
+            return DriftStatus(**await asyncio.to_thread(self.drift.assess_once))
+        return DriftStatus(**self.drift.latest)
 
     @api.get("/model", response_model=ModelInfo)
     async def model(self) -> ModelInfo:

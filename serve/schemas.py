@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS
 from vitbirds.errors import ConfigError
+from vitbirds.monitoring import parse_window
 
 MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
 
@@ -28,6 +29,11 @@ class ServeSettings:
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
     torch_threads: int | None = None  # None: torch's default (Ray sets it from num_cpus)
     display_size: int = 224  # side of the crop /explain draws the attention on
+    # Live drift gauges (serve/drift_gauges.py): the prediction log's latest `drift_window`
+    # assessed every `drift_interval_s` seconds (0: only on `GET /drift?refresh=true`), as
+    # `jobs/monitor.py --window` does.
+    drift_interval_s: float = 300.0
+    drift_window: str = "1h"
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -37,6 +43,9 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ConfigError(f"torch_threads must be positive, got {self.torch_threads}")
+        if self.drift_interval_s < 0:
+            raise ConfigError(f"drift_interval_s must be >= 0, got {self.drift_interval_s}")
+        parse_window(self.drift_window)  # ConfigError naming the bad value
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
@@ -104,6 +113,18 @@ class HealthResponse(BaseModel):
     model_name: str
     model_version: str
     classifier: BatchStats
+
+
+class DriftStatus(BaseModel):
+    status: str = Field(description="ok, pending (nothing logged yet) or disabled")
+    decision: str | None = Field(None, description="OK, WATCH or RETRAIN")
+    reasons: list[str]
+    num_observed: int | None = Field(None, description="Predictions in the assessed window")
+    window_s: float | None = None
+    assessed_at: str | None = None
+    gauges: dict[str, float] = Field(
+        default_factory=dict, description="The values exported as Prometheus gauges"
+    )
 
 
 class ModelInfo(BaseModel):

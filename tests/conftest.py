@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_head import token_auth_head
 
 from vitbirds.paths import shared_data_dir
 
@@ -37,3 +38,11 @@ def ray_session() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A private `ray start --head` with token auth, shared by the job-submission tests:
+    (dashboard address, environment with RAY_AUTH_MODE=token and the token's path)."""
+    with token_auth_head(tmp_path_factory.mktemp("auth")) as cluster:
+        yield cluster

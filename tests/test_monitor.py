@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from serve.drift_gauges import DriftWatcher
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.drift import DriftTestResult, Interval
 from vitbirds.errors import ConfigError, ModelFileError
@@ -293,6 +294,47 @@ def test_the_job_on_a_log_whose_last_hour_is_noise_says_retrain_and_reports_over
     assert "retrain with" in done.stdout and "jobs/train.py" in done.stdout
     page = (out / "report.html").read_text()
     assert 'class="verdict RETRAIN"' in page and 'id="windows"' in page
+
+
+def test_serves_live_gauges_are_the_jobs_numbers_for_the_same_window(
+    subject, held_out, noise, tmp_path
+) -> None:
+    log = tmp_path / "predictions.jsonl"
+    version = load_model(subject.model_dir).metadata.version
+    published: list[dict[str, float]] = []
+    watcher = DriftWatcher(
+        subject.model_dir, log, model_version=version, class_names=subject.classes,
+        window="1h", interval_s=0, publish=published.append,
+    )  # fmt: skip
+    assert watcher.assess_once()["status"] == "pending" and not published  # nothing logged yet
+    now = datetime.now(UTC)
+    write_log(log, held_out, version, now - timedelta(hours=4), subject.classes)
+    write_log(log, noise, version, now - timedelta(minutes=50), subject.classes,
+              every=timedelta(seconds=30))  # fmt: skip
+    latest = watcher.assess_once()
+    out = tmp_path / "monitor"
+    done = monitor("--model", str(subject.model_dir), "--prediction-log", str(log),
+                   "--window", "1h", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((out / "monitor.json").read_text())
+    assert latest["decision"] == job["assessment"]["decision"] == "RETRAIN"
+    assert latest["num_observed"] == len(noise.labels)
+    assert published == [latest["gauges"]]
+    assert latest["gauges"] == pytest.approx(job["gauges"])
+
+
+def test_live_gauges_are_disabled_with_the_reason_for_a_model_without_a_profile(
+    subject, tmp_path
+) -> None:
+    bare = tmp_path / "model"
+    bare.mkdir()
+    for name in ("model.safetensors", "metadata.json"):
+        (bare / name).write_bytes((subject.model_dir / name).read_bytes())
+    watcher = DriftWatcher(bare, tmp_path / "log.jsonl", model_version="v", class_names=["a"],
+                           window="1h", interval_s=1, publish=print)  # fmt: skip
+    watcher.start()  # a no-op: there is nothing to compare with
+    assert watcher.latest["status"] == "disabled" and not watcher.running
+    assert "reference profile" in watcher.latest["reasons"][0]
 
 
 def test_the_job_builds_a_missing_profile_measures_labelled_photos_and_logs_to_mlflow(

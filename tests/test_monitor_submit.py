@@ -1,6 +1,5 @@
 """On RETRAIN, `jobs/monitor.py --submit` starts a real training job on a Ray cluster with token
-authentication (the private head node of tests/test_ray_job_submit.py, imported from there; as a
-session fixture in conftest.py both modules would share one head and save ~1 minute)."""
+authentication (the session's `token_cluster`, see tests/ray_head.py)."""
 
 import json
 import os
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from test_monitor import write_log
-from test_ray_job_submit import token_cluster  # noqa: F401  (its private head; see module doc)
 
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.modelfile import load_model
@@ -60,7 +58,7 @@ def test_submit_without_a_token_on_a_token_auth_setup_is_a_usage_error(noisy, tm
 
 def test_retrain_submits_a_training_job_that_succeeds_on_the_cluster(
     noisy,
-    token_cluster,  # noqa: F811
+    token_cluster,
     tmp_path,
 ) -> None:
     address, env = token_cluster

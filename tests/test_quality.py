@@ -103,6 +103,29 @@ def test_the_teacher_is_consulted_on_every_training_image_and_pulls_the_dist_hea
     assert (dist_logits.argmax(1) == 1).float().mean() > 0.9  # it learned the teacher's answer
 
 
+def test_conv_stem_replaces_patchify_with_stride_two_convs_on_the_same_token_grid() -> None:
+    config = ModelConfig(**{**SMALL, "image_size": 64}, conv_stem=True)
+    model = VisionTransformer(config).eval()
+    convs = [m for m in model.patch_embed.stem if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 3  # 8 = 2**3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.patch_embed.stem) == 3
+    assert convs[-1].out_channels == config.dim and model.patch_embed.proj.kernel_size == (1, 1)
+    with torch.no_grad():
+        tokens = model.patch_embed(_images(size=64))
+        logits, attentions = model.forward_with_attention(_images(size=64))
+    assert tokens.shape == (2, config.num_patches, config.dim)
+    assert logits.shape == (2, 5) and attentions[0].shape == (2, 3, 65, 65)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"conv_stem": True, "shifted_patches": True}, {"conv_stem": True, "patch_size": 6}],
+)
+def test_conv_stem_refuses_settings_it_cannot_build(options) -> None:
+    with pytest.raises(ConfigError, match="conv_stem"):
+        ModelConfig(**{**SMALL, "image_size": 48, **options})
+
+
 def test_stochastic_depth_drops_residual_branches_only_while_training() -> None:
     model = VisionTransformer(ModelConfig(**{**SMALL, "depth": 4}, drop_path=0.5))
     rates = [block.drop_path.rate for block in model.blocks]
@@ -165,13 +188,14 @@ def test_resnet18_baseline_builds_saves_and_loads_as_a_teacher(tmp_path) -> None
         build_classifier("vgg", config)
 
 
-def test_small_data_preset_is_vit_cpu_with_a_distillation_token() -> None:
+def test_small_data_preset_is_vit_cpu_with_a_conv_stem() -> None:
     small, plain = get_recipe("vit-cpu-small-data").model, get_recipe("vit-cpu").model
-    assert small.distill_token
-    assert {**small.to_dict(), "distill_token": False} == plain.to_dict()
+    assert small.conv_stem
+    assert {**small.to_dict(), "conv_stem": False} == plain.to_dict()
 
 
-def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None:
+@pytest.mark.parametrize("tokenizer", ["shifted_patches", "conv_stem"])
+def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path, tokenizer) -> None:
     classes = 4
     root = make_synthetic_dataset(
         tmp_path / "data", num_classes=classes, images_per_class=60, image_size=32, seed=0
@@ -179,7 +203,7 @@ def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path) -> None
     splits = discover_dataset(root)
     recipe = get_recipe("vit-cpu-small-data")
     small = {"image_size": 32, "dim": 48, "depth": 2, "num_classes": classes, "drop_path": 0.1}
-    options = {"shifted_patches": True, "locality_attention": True, "distill_token": True}
+    options = {tokenizer: True, "locality_attention": True, "distill_token": True}
     recipe.model = ModelConfig(**{**recipe.model.to_dict(), **small, **options})
     # Every option on, at strengths a 2-block model can learn through in 25 short epochs.
     recipe.data = DataConfig(

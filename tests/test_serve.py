@@ -26,10 +26,12 @@ from ray import serve
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.modelfile import LoadedModel, load_model
 from vitbirds.predictions import EMBEDDING_DIM, read_log
+from vitbirds.reference import build_reference_profile, samples_for_model, save_reference_profile
 
 BODY_LIMIT = 2_000_000
 INGRESS_QUEUE = 16
@@ -51,8 +53,14 @@ def photo(photos: list[Path]) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A random-weight model of cub100's classes with the reference profile training saves."""
     classes = photo_classes(shared_data / "cub100" / "valid")
-    return make_model_dir(tmp_path_factory.mktemp("serve") / "model", classes)
+    model_dir = make_model_dir(tmp_path_factory.mktemp("serve") / "model", classes)
+    splits = discover_dataset(shared_data / "cub100")
+    loaded = load_model(model_dir)
+    samples = samples_for_model(splits.valid, splits.classes, classes)
+    save_reference_profile(model_dir, build_reference_profile(loaded, samples))
+    return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,9 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def url(ray_session, model_dir: Path, log_file: Path) -> Iterator[str]:
     settings = ServeSettings(
-        model_dir=str(model_dir), prediction_log=str(log_file), max_body_bytes=BODY_LIMIT
-    )
+        model_dir=str(model_dir), prediction_log=str(log_file), max_body_bytes=BODY_LIMIT,
+        drift_interval_s=0,  # assessed on request only (GET /drift?refresh=true)
+    )  # fmt: skip
     options = deployment_options(
         0.1,
         Ingress={"max_ongoing_requests": 32, "max_queued_requests": INGRESS_QUEUE},
@@ -401,6 +410,29 @@ def test_custom_metrics_reach_rays_metrics_endpoint(url, photo):
         if all(found.values()) and 'reason="not_an_image"' in text:
             return
         assert time.monotonic() < deadline, f"metrics missing after 60 s: {found}"
+        time.sleep(2)
+
+
+def test_live_drift_gauges_reach_the_drift_endpoint_and_rays_metrics(url, photo, log_file):
+    assert post_image(url, photo).status_code == 200
+    deadline = time.monotonic() + 30
+    while not read_log(log_file).predictions:  # the log is written in the background
+        assert time.monotonic() < deadline, "no prediction logged after 30 s"
+        time.sleep(0.5)
+    status = requests.get(url + "/drift", params={"refresh": "true"}, timeout=120).json()
+    assert status["status"] == "ok" and status["decision"] in ("OK", "WATCH", "RETRAIN")
+    assert 1 <= status["num_observed"] <= len(read_log(log_file).predictions)
+    assert {"vitbirds_monitor_decision", "vitbirds_monitor_estimated_accuracy"} <= set(
+        status["gauges"]
+    )
+    assert requests.get(url + "/drift").json() == status  # kept until the next assessment
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 60
+    while (
+        "vitbirds_monitor_estimated_accuracy"
+        not in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    ):
+        assert time.monotonic() < deadline, "drift gauges missing from the metrics after 60 s"
         time.sleep(2)
 
 

@@ -82,6 +82,7 @@ def test_the_summary_and_the_model_say_the_data_was_synthetic(cli_run) -> None:
     assert summary["synthetic"] is True and summary["data"]["source"] == "synthetic"
     metadata = read_metadata(summary["model_dir"])
     assert metadata.synthetic
+    assert metadata.extra["preset"] == "vit-test"  # what `jobs/monitor.py` retrains with
     assert [row["epoch"] for row in metadata.history] == [1, 2]  # the report's learning curves
 
 
@@ -184,6 +185,9 @@ def test_flags_override_the_preset_and_nothing_else() -> None:
     assert (recipe.data.num_classes, recipe.data.data_dir) == (4, "/data")
     assert recipe.train.device == "cuda"
     assert recipe.model.mlp_ratio == preset.model.mlp_ratio
+    relative = cli.build_recipe(cli.parse_args(["--data-dir", "data/birds"]))
+    assert relative.preset == "vit-cpu-small-data"  # the default: the best small-data recipe
+    assert relative.data.data_dir == str(Path.cwd() / "data" / "birds")  # workers run elsewhere
     assert recipe.train.seed == preset.train.seed
 
 

@@ -46,6 +46,9 @@ class ModelConfig(_DictMixin):
     # Touvron et al. 2021 (DeiT): a second prefix token with its own head, trained to match a
     # teacher's predictions; inference averages the two heads.
     distill_token: bool = False
+    # Xiao et al. 2021, "Early Convolutions Help Transformers See Better": 3x3 stride-2 convs
+    # (BatchNorm, ReLU) down to the patch grid replace the one big patchify conv.
+    conv_stem: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +68,12 @@ class ModelConfig(_DictMixin):
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.conv_stem and self.shifted_patches:
+            raise ConfigError("choose one of conv_stem and shifted_patches, not both")
+        if self.conv_stem and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(
+                f"conv_stem needs a power-of-two patch_size (stride-2 convs), got {self.patch_size}"
+            )
         if self.mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -114,6 +114,7 @@ class TrainJob:
             "model": self.recipe.model.to_dict(),
             "data": self.recipe.data.to_dict(),
             "train": self.recipe.train.to_dict(),
+            "preset": self.recipe.preset,
         }
         return values
 
@@ -292,6 +293,7 @@ def _job_from_dict(values: dict[str, Any]) -> TrainJob:
             ModelConfig.from_dict(recipe["model"]),
             DataConfig.from_dict(recipe["data"]),
             TrainConfig.from_dict(recipe["train"]),
+            recipe.get("preset"),
         ),
         **values,
     )

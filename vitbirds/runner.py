@@ -120,5 +120,9 @@ def build_metadata(recipe: Recipe, splits: DatasetSplits, *, name: str) -> Model
         image_size=recipe.model.image_size,
         name=name,
         data=splits.describe(),
-        extra={"data_config": recipe.data.to_dict(), "train_config": recipe.train.to_dict()},
+        extra={
+            "preset": recipe.preset,
+            "data_config": recipe.data.to_dict(),
+            "train_config": recipe.train.to_dict(),
+        },
     )

@@ -1,0 +1,129 @@
+"""Live drift gauges: the monitoring job's headline numbers, recomputed by the ingress from its own
+prediction log every few minutes, for Prometheus and `GET /drift`.
+
+The numbers are `vitbirds.monitoring.headline_gauges` of the same assessment that
+`jobs/monitor.py --prediction-log LOG --window W` makes, so a dashboard and the job's monitor.json
+agree on the same window. The work runs in a daemon thread (numpy and scipy release the GIL for
+most of it), so requests never wait for it; the job stays the place for reports and retraining.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vitbirds.errors import DataError, ModelFileError
+from vitbirds.monitoring import (
+    MonitorConfig,
+    Observations,
+    assess,
+    headline_gauges,
+    parse_window,
+    recent,
+)
+from vitbirds.predictions import read_log
+from vitbirds.reference import ReferenceProfile, load_reference_profile
+
+logger = logging.getLogger("ray.serve")
+
+Publish = Callable[[dict[str, float]], None]
+
+
+class DriftWatcher:
+    """Assesses the latest `window` of the prediction log against the model's reference profile
+    every `interval_s` seconds and hands the headline gauges to `publish`.
+
+    `latest` is what `GET /drift` shows: status "pending" until the log holds a prediction of
+    this model version, "disabled" (with the reason) when the model has no reference profile,
+    else "ok" with the decision, its reasons and the gauges.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        log_path: str | Path,
+        *,
+        model_version: str,
+        class_names: list[str],
+        window: str,
+        interval_s: float,
+        publish: Publish,
+        config: MonitorConfig | None = None,
+    ) -> None:
+        self.log_path = Path(log_path)
+        self.model_version = model_version
+        self.class_names = class_names
+        self.window = parse_window(window)
+        self.interval_s = interval_s
+        self.publish = publish
+        self.config = config or MonitorConfig()
+        self.profile: ReferenceProfile | None = None
+        self.latest: dict[str, Any] = {"status": "pending", "reasons": ["no assessment yet"]}
+        self._stop = threading.Event()
+        self._busy = threading.Lock()  # one assessment at a time, however many ask
+        self._thread: threading.Thread | None = None
+        try:
+            self.profile = load_reference_profile(model_dir)
+        except ModelFileError as error:
+            self.latest = {"status": "disabled", "reasons": [str(error)]}
+            logger.warning("drift gauges disabled: %s", error)
+
+    def assess_once(self) -> dict[str, Any]:
+        """One assessment of the latest window; updates `latest` and the gauges, returns it.
+
+        While another assessment runs this returns the previous result instead of queueing a
+        second one, so repeated `GET /drift?refresh=true` cannot pile up work.
+        """
+        if self.profile is None or not self._busy.acquire(blocking=False):
+            return self.latest
+        try:
+            return self._assess()
+        finally:
+            self._busy.release()
+
+    def _assess(self) -> dict[str, Any]:
+        contents = read_log(self.log_path)
+        try:
+            observed = Observations.from_log(
+                contents, self.class_names, model_version=self.model_version
+            )
+        except DataError as error:  # nothing of this model version logged yet
+            self.latest = {"status": "pending", "reasons": [str(error)]}
+            return self.latest
+        judged = recent(observed, self.window, self.config.min_samples)
+        assessment = assess(self.profile, judged, self.config).to_dict()
+        gauges = headline_gauges(assessment)
+        self.publish(gauges)
+        self.latest = {
+            "status": "ok",
+            "decision": assessment["decision"],
+            "reasons": assessment["reasons"],
+            "num_observed": assessment["num_observed"],
+            "window_s": self.window.total_seconds(),
+            "assessed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "gauges": gauges,
+        }
+        return self.latest
+
+    def start(self) -> None:
+        """Starts the periodic assessments (none when disabled or `interval_s` is 0)."""
+        if self.profile is None or self.interval_s <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="drift-gauges", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.assess_once()
+            except Exception:  # a bad log line or a bug here must never take the ingress down
+                logger.exception("drift assessment failed; retrying in %.0f s", self.interval_s)

@@ -31,6 +31,7 @@ def ray_session() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance, never a `ray start` cluster running on the machine
             num_cpus=2,
             object_store_memory=300 * 1024 * 1024,
             include_dashboard=False,
@@ -40,9 +41,12 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def token_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
-    """A private `ray start --head` with token auth, shared by the job-submission tests:
-    (dashboard address, environment with RAY_AUTH_MODE=token and the token's path)."""
+    """A private `ray start --head` with token auth for a module's job-submission tests:
+    (dashboard address, environment with RAY_AUTH_MODE=token and the token's path).
+
+    Per module, not per session: the head is stopped before later modules start the session's
+    Ray, so two clusters never compete for the two cores during timing-sensitive Serve tests."""
     with token_auth_head(tmp_path_factory.mktemp("auth")) as cluster:
         yield cluster

@@ -2,7 +2,7 @@
 
 Private: its own temp dir, ports and token file, started with `--block` so stopping that one
 process stops exactly this cluster (`ray stop` would stop every Ray on the machine, the shared
-test session's included). conftest.py shares one per test session as `token_cluster`.
+test session's included). conftest.py gives one to each module that asks for `token_cluster`.
 """
 
 import os

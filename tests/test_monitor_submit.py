@@ -1,5 +1,5 @@
 """On RETRAIN, `jobs/monitor.py --submit` starts a real training job on a Ray cluster with token
-authentication (the session's `token_cluster`, see tests/ray_head.py)."""
+authentication (the `token_cluster` fixture, see tests/ray_head.py)."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """`ray job submit` of the unchanged training script to a real `ray start --head` cluster with
-token authentication on (the session's `token_cluster`, see tests/ray_head.py).
+token authentication on (the `token_cluster` fixture, see tests/ray_head.py).
 """
 
 import json

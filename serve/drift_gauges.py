@@ -37,7 +37,8 @@ class DriftWatcher:
 
     `latest` is what `GET /drift` shows: status "pending" until the log holds a prediction of
     this model version, "disabled" (with the reason) when the model has no reference profile,
-    else "ok" with the decision, its reasons and the gauges.
+    "error" (with the reason) when the log cannot be compared with it, else "ok" with the
+    decision, its reasons and the gauges.
     """
 
     def __init__(
@@ -80,6 +81,9 @@ class DriftWatcher:
             return self.latest
         try:
             return self._assess()
+        except DataError as error:  # e.g. log embeddings that do not fit the reference's
+            self.latest = {"status": "error", "reasons": [str(error)]}
+            return self.latest
         finally:
             self._busy.release()
 

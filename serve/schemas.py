@@ -116,7 +116,7 @@ class HealthResponse(BaseModel):
 
 
 class DriftStatus(BaseModel):
-    status: str = Field(description="ok, pending (nothing logged yet) or disabled")
+    status: str = Field(description="ok, pending (nothing logged yet), disabled or error")
     decision: str | None = Field(None, description="OK, WATCH or RETRAIN")
     reasons: list[str]
     num_observed: int | None = Field(None, description="Predictions in the assessed window")

@@ -323,6 +323,22 @@ def test_serves_live_gauges_are_the_jobs_numbers_for_the_same_window(
     assert latest["gauges"] == pytest.approx(job["gauges"])
 
 
+def test_live_gauges_report_a_log_that_does_not_fit_the_reference_as_an_error(
+    subject, held_out, tmp_path
+) -> None:
+    log = tmp_path / "predictions.jsonl"
+    version = load_model(subject.model_dir).metadata.version
+    narrow = replace(held_out, embeddings=held_out.embeddings[:, :3])  # another projection
+    write_log(log, narrow, version, datetime.now(UTC) - timedelta(hours=1), subject.classes)
+    published: list[dict[str, float]] = []
+    watcher = DriftWatcher(subject.model_dir, log, model_version=version,
+                           class_names=subject.classes, window="1h", interval_s=0,
+                           publish=published.append)  # fmt: skip
+    latest = watcher.assess_once()
+    assert latest["status"] == "error" and "dimensions" in latest["reasons"][0]
+    assert not published
+
+
 def test_live_gauges_are_disabled_with_the_reason_for_a_model_without_a_profile(
     subject, tmp_path
 ) -> None:

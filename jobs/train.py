@@ -109,8 +109,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def absolute(path: str | None) -> str | None:
-    """A local path made absolute here, on the driver: Ray Train workers run in another working
-    directory, where a relative path would name nothing. URIs (gs://...) pass unchanged."""
+    """A local path made absolute here, on the driver, as jobs/tune.py does: Ray Train workers
+    run in another working directory, where a relative path would name nothing. URIs pass."""
     if path is None or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker=args.tracker,
             evaluate=args.evaluate,
             export_dir=args.export_dir,
-            cache_dir=args.cache_dir,
+            cache_dir=absolute(args.cache_dir),
         )
         print(
             f"run {job.run_name}: {args.preset}, {job.num_workers} worker(s) on {job.device}, "

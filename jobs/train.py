@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.errors import VitbirdsError
+from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.presets import PRESETS, Recipe, get_recipe
 from vitbirds.tracking import TRACKERS
 
@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--patch-size", type=int, help="must divide the preset's image size")
     train.add_argument("--seed", type=int)
     train.add_argument("--init-from", help="timm ViT weights (.safetensors) to start from")
+    train.add_argument(
+        "--teacher",
+        help="model directory to distil from, trained on the same classes (presets with a "
+        "distillation token need one; e.g. a ResNet-18 from jobs/bench_accuracy.py --only resnet)",
+    )
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument("--num-workers", type=int, default=1)
     ray_group.add_argument("--use-gpu", action="store_true", help="one CUDA GPU per worker")
@@ -129,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         from vitbirds import ray_train
 
         recipe = build_recipe(args)
+        if recipe.model.distill_token and not args.teacher:
+            raise ConfigError(
+                f"preset {args.preset} distils from a teacher: pass --teacher MODEL_DIR (see "
+                "README, 'A distilled ViT')"
+            )
         local = ray_train.cluster_is_local()
         # Before starting Ray: a missing GPU is a usage error, not a hung placement group.
         ray_train.check_device(recipe.train.device, local=local)
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             max_failures=args.max_failures,
             keep_checkpoints=args.keep_checkpoints,
             init_from=args.init_from,
+            teacher=absolute(args.teacher),
             tracker=args.tracker,
             evaluate=args.evaluate,
             export_dir=args.export_dir,

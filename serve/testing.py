@@ -19,6 +19,15 @@ from vitbirds.presets import get_recipe
 
 DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
 
+# Serve's two set-ups, as the environment switches Ray reads when it starts (every Ray process
+# inherits them, so they belong to the cluster, not to serve/config.yaml). "haproxy" is what the
+# README and cluster/ deploy: HAProxy forwards HTTP straight to the Ingress replica's own server
+# (no Python proxy hop) and replicas call each other over gRPC; jobs/bench_serve.py measures both.
+SERVE_MODES: dict[str, dict[str, str]] = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "proxy": {},
+}
+
 
 def photo_classes(split_dir: Path) -> list[str]:
     """Class names of an ImageFolder split (its sub-directories), sorted."""

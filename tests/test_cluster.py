@@ -234,6 +234,14 @@ def test_serve_config_v2_is_serve_config_yaml_rendered_for_the_cluster():
     assert render_rayservice.main(["--check"]) == 0
 
 
+def test_every_rayservice_pod_runs_serve_in_the_benchmarked_throughput_mode():
+    from serve.testing import SERVE_MODES
+
+    for where, _, container in _containers(_rayservice()):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert SERVE_MODES["haproxy"].items() <= env.items(), where
+
+
 def test_serve_import_path_names_a_module_in_the_repo():
     config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
     for app in config["applications"]:

@@ -152,6 +152,8 @@ def test_skewed_class_proportions_are_caught_by_the_predicted_class_test(subject
     assert assessment.decision != Decision.OK
     assert "predicted_class" in assessment.significant
     assert assessment.tests["predicted_class"].p_value < 0.01
+    assert "label_class" in assessment.significant  # the labels themselves show it
+    assert any(reason.startswith("label shift") for reason in assessment.reasons)
 
 
 def test_noise_images_mean_retrain(subject, noise) -> None:

@@ -17,6 +17,7 @@ from vitbirds.shifts import (
     SHIFTS,
     Subject,
     get_shift,
+    label_shift,
     noise_images,
     run_scenario,
     subject_recipe,
@@ -89,6 +90,17 @@ def test_kaggle_photos_of_the_same_species_are_caught_without_labels(model, kagg
     )
     assert row.decision != "OK", row
     assert "embedding_mmd" in assessment.significant
+
+
+def test_a_label_shift_is_caught_from_the_labels_when_the_predictions_cannot_show_it(
+    cub_subject, model
+) -> None:
+    loaded, profile = model
+    skewed = image_dataset(label_shift(cub_subject.held_out, 1.0), loaded.metadata)
+    row, _ = run_scenario(loaded, profile, skewed, scenario="label shift", labelled=True)
+    # Half the species, 300 photos: a 13 %-accurate model's predictions barely move (100 classes,
+    # 3 photos each), but the true labels' mix is plainly not the reference's.
+    assert row.labelled_decision == "WATCH"
 
 
 def test_noise_images_mean_retrain(model) -> None:

@@ -12,7 +12,7 @@ from vitbirds.errors import ConfigError
 from vitbirds.model import VisionTransformer
 from vitbirds.modelfile import ModelMetadata, load_model, save_model
 from vitbirds.presets import get_recipe
-from vitbirds.training import TrainingRun, fit, seed_everything
+from vitbirds.training import TrainingRun, distillation_loss, fit, seed_everything
 
 SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)
 
@@ -101,6 +101,42 @@ def test_the_teacher_is_consulted_on_every_training_image_and_pulls_the_dist_hea
     with torch.no_grad():
         _, dist_logits = model(_loader().dataset.tensors[0])
     assert (dist_logits.argmax(1) == 1).float().mean() > 0.9  # it learned the teacher's answer
+
+
+def test_soft_distillation_is_zero_on_the_teachers_own_logits_and_follows_its_ranking() -> None:
+    teacher = torch.tensor([[4.0, 1.0, 0.0], [0.0, 2.0, 3.0]])
+    loss = distillation_loss(teacher.clone(), teacher, kind="soft", temperature=3.0)
+    assert loss.abs() < 1e-6
+    # Both students pick the teacher's top class; only soft distillation prefers the one that also
+    # ranks the runner-up as the teacher does, and hard distillation cannot tell them apart.
+    alike = torch.tensor([[4.0, 1.0, 0.0], [0.0, 2.0, 3.0]]) * 0.9
+    unlike = torch.tensor([[4.0, 0.0, 1.0], [2.0, 0.0, 3.0]]) * 0.9
+    soft = [distillation_loss(s, teacher, kind="soft", temperature=3.0) for s in (alike, unlike)]
+    hard = [distillation_loss(s, teacher, kind="hard", temperature=3.0) for s in (alike, unlike)]
+    assert soft[0] < soft[1]
+    assert torch.isclose(hard[0], hard[1])
+
+
+def test_soft_distillation_trains_the_dist_head_towards_the_teacher() -> None:
+    seed_everything(0)
+    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True))
+    teacher = CountingTeacher()
+    config = TrainConfig(epochs=8, lr=3e-3, warmup_epochs=1, distillation="soft",
+                         distill_temperature=1.0)  # fmt: skip
+    run = TrainingRun(model, config, steps_per_epoch=2, device=torch.device("cpu"),
+                      teacher=teacher)  # fmt: skip
+    fit(run, _loader(), _loader())
+    assert teacher.images_seen == 8 * 40
+    model.distilled_training, model.training = True, True
+    with torch.no_grad():
+        _, dist_logits = model(_loader().dataset.tensors[0])
+    assert (dist_logits.argmax(1) == 1).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("values", [{"distillation": "medium"}, {"distill_temperature": 0.0}])
+def test_invalid_distillation_settings_are_refused_by_name(values: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(values))):
+        TrainConfig(**values)
 
 
 def test_conv_stem_replaces_patchify_with_stride_two_convs_on_the_same_token_grid() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vitbirds.errors import ConfigError
 from vitbirds.modelfile import load_model, read_metadata
 from vitbirds.presets import get_recipe
 from vitbirds.ray_train import TrainJob, run_training
@@ -203,3 +204,29 @@ def test_init_from_starts_the_run_model_from_timm_weights(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
     model = build_run_model(recipe, path)
     assert torch.equal(model.blocks[0].mlp.fc1.weight, reference.blocks[0].mlp.fc1.weight)
+
+
+def test_a_distilled_run_learns_from_the_teacher_directory(cli_run, tmp_path, cache_dir) -> None:
+    teacher = cli_run["summary"]["model_dir"]  # any classifier of the same classes will do
+    job = _job(tmp_path, cache_dir, epochs=1, num_workers=1, run_name="distilled", teacher=teacher)
+    job.recipe.model.distill_token = True
+    job.recipe.train.distillation = "soft"
+    outcome = run_training(job)
+    loaded = load_model(outcome.model_dir)
+    assert loaded.model.head_dist is not None
+    assert loaded.metadata.extra["teacher"] == teacher
+    assert loaded.metadata.extra["train_config"]["distillation"] == "soft"
+
+
+def test_a_teacher_of_other_classes_is_refused_before_training(cli_run, tmp_path, cache_dir):
+    teacher = cli_run["summary"]["model_dir"]
+    job = _job(tmp_path, cache_dir, num_workers=1, teacher=teacher)
+    job.recipe.data.num_classes = 4  # the teacher knows 6
+    with pytest.raises(ConfigError, match=r"teacher .* predicts 6 classes, the dataset has 4"):
+        run_training(job)
+
+
+def test_a_distilling_preset_without_a_teacher_is_a_usage_error(capsys) -> None:
+    assert _train_cli().main(["--preset", "vit-cpu-distilled"]) == 2
+    err = capsys.readouterr().err
+    assert "distils from a teacher: pass --teacher" in err and "Traceback" not in err

@@ -126,6 +126,11 @@ class TrainConfig(_DictMixin):
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float | None = None  # exponential moving average of weights, evaluated if set
+    # With a teacher (DeiT): "hard" trains the distillation head on the teacher's argmax, "soft"
+    # on its whole distribution softened by distill_temperature (Hinton et al. 2015), which also
+    # carries which species the teacher finds alike.
+    distillation: str = "hard"
+    distill_temperature: float = 3.0
     compile: bool = False  # torch.compile the model
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -142,5 +147,11 @@ class TrainConfig(_DictMixin):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.distillation not in ("hard", "soft"):
+            raise ConfigError(f"distillation must be hard or soft, got {self.distillation!r}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(
+                f"distill_temperature must be positive, got {self.distill_temperature}"
+            )
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")

@@ -191,8 +191,10 @@ def class_shift(
     *,
     permutations: int = 1000,
     seed: int = 0,
+    name: str = "predicted_class",
 ) -> DriftTestResult:
-    """Predicted-class mix: chi-square statistic of the 2 x K count table, permutation p-value.
+    """Class mix (predicted classes, or true labels where known): chi-square statistic of the
+    2 x K count table, permutation p-value.
 
     The p-value comes from permuting which side each prediction belongs to, not from the
     chi-square distribution, so the many sparse classes of a small sample (expected counts below
@@ -235,7 +237,7 @@ def class_shift(
     contributions = (obs_p - ref_p) * np.log(obs_p / ref_p)
     moved = np.argsort(-contributions)[:5]
     return DriftTestResult(
-        name="predicted_class",
+        name=name,
         statistic=float(result.statistic),
         p_value=float(result.pvalue),
         effect=float(contributions.sum()),

@@ -11,7 +11,10 @@ labelled folder (`Observations.from_outputs`) or from Serve's prediction log
 - effect sizes: the ATC accuracy estimate (Garg et al. 2022) and the mean temperature-scaled
   confidence against the reference accuracy; a domain classifier's AUROC on the embeddings;
 - with labels: accuracy, macro F1 and one-vs-rest AUROC with bootstrap CIs, their drop from the
-  reference with a CI, and the classes whose recall fell (Fisher exact, BH q-values).
+  reference with a CI, the classes whose recall fell (Fisher exact, BH q-values), and the mix of
+  true labels against the reference's (the class-shift test on labels): a label shift leaves
+  accuracy and the inputs of each class as they were, so only the labels show it at these
+  sample sizes (100 classes, a few hundred images: the predicted-class test lacks the power).
 
 Decision rules (thresholds in `MonitorConfig`):
 - RETRAIN: accuracy fell by at least `retrain_accuracy_drop` — measured (the drop significant by
@@ -19,10 +22,12 @@ Decision rules (thresholds in `MonitorConfig`):
   confidence distribution moved significantly — or, without labels, the inputs left the training
   domain (domain AUROC at least `severe_domain_auroc` and significant MMD), where confidence no
   longer estimates accuracy.
-- WATCH: any drift test significant, or a significant but smaller measured accuracy drop, or a
-  class whose recall fell significantly (BH q-value below the per-test alpha).
-Every alarm is a test at alpha / (number of tests): 4 without labels, 6 with them (the accuracy
-drop and the class drops), so data like the reference raises one with probability <= alpha.
+- WATCH: any drift test significant (the label mix included), or a significant but smaller
+  measured accuracy drop, or a class whose recall fell significantly (BH q-value below the
+  per-test alpha).
+Every alarm is a test at alpha / (number of tests): 4 without labels, 7 with them (the accuracy
+drop, the class drops and the label mix), so data like the reference raises one with probability
+<= alpha.
 - OK: none of these. Fewer than `min_samples` predictions get OK with a note: no test has power.
 
 A log is cut into time windows for the report's "drift over time"; the decision uses the latest
@@ -63,6 +68,8 @@ from vitbirds.predictions import PredictionLogContents
 from vitbirds.reference import UNKNOWN_LABEL, ModelOutputs, ReferenceProfile
 
 LABEL_FREE_TESTS = ("confidence", "entropy", "predicted_class", "embedding_mmd")
+# With labels: the accuracy drop, the per-class recall drops and the label mix ("label_class").
+LABELLED_EXTRA_TESTS = 3
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -107,7 +114,7 @@ class MonitorConfig:
         for name in ("min_samples", "min_labelled", "window_min_samples", "permutations"):
             if getattr(self, name) < 2:
                 raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}")
-        strictest = self.alpha / (len(LABEL_FREE_TESTS) + 2)  # with labels: 2 more tests
+        strictest = self.alpha / (len(LABEL_FREE_TESTS) + LABELLED_EXTRA_TESTS)
         if 1.0 / (self.permutations + 1) >= strictest:
             raise ConfigError(
                 f"{self.permutations} permutations cannot give a p-value below the strictest "
@@ -368,8 +375,11 @@ def assess(
     labelled = observed.subset(np.flatnonzero(observed.labels != UNKNOWN_LABEL))
     if len(labelled) >= config.min_labelled:
         assessment.labelled = labelled_metrics(reference, labelled, profile.class_names, config)
-        # The accuracy drop and the per-class drops are two more ways to raise an alarm.
-        assessment.alpha_per_test = config.alpha / (len(LABEL_FREE_TESTS) + 2)
+        assessment.tests["label_class"] = class_shift(
+            reference.labels, labelled.labels, profile.class_names,
+            permutations=config.permutations, seed=config.seed, name="label_class",
+        )  # fmt: skip
+        assessment.alpha_per_test = config.alpha / (len(LABEL_FREE_TESTS) + LABELLED_EXTRA_TESTS)
     assessment.decision, assessment.reasons = decide(assessment, config)
     return assessment
 
@@ -451,6 +461,11 @@ def _describe(test: DriftTestResult) -> str:
     if test.name == "predicted_class":
         return (
             f"predicted-class mix changed (PSI {test.effect:.2f}, chi-square {test.statistic:.1f})"
+        )
+    if test.name == "label_class":
+        return (
+            f"label shift: the true classes' mix changed (PSI {test.effect:.2f}, chi-square "
+            f"{test.statistic:.1f})"
         )
     return f"embedding distribution moved (MMD^2 {test.effect:.1f}x its permutation median)"
 

@@ -50,8 +50,10 @@ from vitbirds.presets import Recipe
 from vitbirds.runner import (
     build_metadata,
     build_run_model,
+    check_teacher,
     data_label,
     fit_recipe_to_data,
+    load_teacher,
     prepare_dataset,
 )
 from vitbirds.tracking import Tracker, make_tracker
@@ -81,6 +83,7 @@ class TrainJob:
     max_failures: int = 0
     keep_checkpoints: int = 2  # best k by val_top1; the latest is kept as well
     init_from: str | None = None  # timm ViT .safetensors to start from
+    teacher: str | None = None  # a model directory to distil from (DeiT), e.g. a ResNet-18
     tracker: str = "mlflow"
     evaluate: bool = True
     export_dir: str | None = None  # a stable copy of the exported model, e.g. models/latest
@@ -231,8 +234,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         steps_per_epoch=len(train_loader),
         device=device,
         mixer=batch_mixer(recipe.data, recipe.model.num_classes),
+        teacher=load_teacher(job.teacher, splits.classes, device) if job.teacher else None,
     )
-    metadata = build_metadata(recipe, splits, name=job.run_name)
+    metadata = build_metadata(recipe, splits, name=job.run_name, teacher=job.teacher)
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             load_checkpoint(checkpoint_dir, run)
@@ -420,6 +424,8 @@ def run_training(job: TrainJob) -> TrainOutcome:
     splits = prepare_dataset(job.recipe.data, job.cache_dir)
     job = replace(job, recipe=fit_recipe_to_data(job.recipe, splits))
     logger.info("data: %s", data_label(splits))
+    if job.teacher:
+        check_teacher(job.teacher, splits.classes)  # here, before any worker starts
 
     storage = _storage_path(job.storage_path)
     if _is_uri(storage) and job.tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):

@@ -11,14 +11,16 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vitbirds.config import DataConfig
 from vitbirds.data.sources import DatasetSplits, discover_dataset
 from vitbirds.data.synthetic import GENERATOR_VERSION, make_synthetic_dataset
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitbirds.errors import ConfigError
 from vitbirds.model import build_model
-from vitbirds.modelfile import ModelMetadata
+from vitbirds.modelfile import ModelMetadata, fetch_model_dir, load_model, read_metadata
 from vitbirds.presets import Recipe
 from vitbirds.pretrained import init_from_timm
 
@@ -103,6 +105,24 @@ def build_run_model(recipe: Recipe, init_from: str | Path | None = None) -> nn.M
     return model
 
 
+def check_teacher(model_dir: str, class_names: list[str]) -> None:
+    """Refuses a distillation teacher whose outputs are not this dataset's classes in this order:
+    its argmax would then name the wrong species, silently."""
+    teacher_classes = read_metadata(fetch_model_dir(model_dir)).class_names
+    if teacher_classes != list(class_names):
+        shared = len(set(teacher_classes) & set(class_names))
+        raise ConfigError(
+            f"teacher {model_dir} predicts {len(teacher_classes)} classes, the dataset has "
+            f"{len(class_names)} ({shared} shared): train the teacher on the same classes"
+        )
+
+
+def load_teacher(model_dir: str, class_names: list[str], device: torch.device) -> nn.Module:
+    """The frozen classifier a distilled run learns from (e.g. a ResNet-18 model directory)."""
+    check_teacher(model_dir, class_names)
+    return load_model(fetch_model_dir(model_dir), device=device).model
+
+
 def data_label(splits: DatasetSplits) -> str:
     """One human line naming the data, with SYNTHETIC up front when it is."""
     sizes = ", ".join(f"{len(splits.split(name))} {name}" for name in ("train", "valid", "test"))
@@ -110,7 +130,9 @@ def data_label(splits: DatasetSplits) -> str:
     return f"{what} at {splits.root} ({len(splits.classes)} classes: {sizes})"
 
 
-def build_metadata(recipe: Recipe, splits: DatasetSplits, *, name: str) -> ModelMetadata:
+def build_metadata(
+    recipe: Recipe, splits: DatasetSplits, *, name: str, teacher: str | None = None
+) -> ModelMetadata:
     """What the exported model directory records about itself besides the weights."""
     return ModelMetadata(
         model=recipe.model.to_dict(),
@@ -124,5 +146,6 @@ def build_metadata(recipe: Recipe, splits: DatasetSplits, *, name: str) -> Model
             "preset": recipe.preset,
             "data_config": recipe.data.to_dict(),
             "train_config": recipe.train.to_dict(),
+            "teacher": teacher,
         },
     )

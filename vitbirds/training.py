@@ -1,5 +1,5 @@
 """The one training loop: AdamW, warmup + cosine, grad clipping, label smoothing, mixup/cutmix,
-bf16 autocast on CUDA, optional EMA, torch.compile and hard-label distillation from a teacher.
+bf16 autocast on CUDA, optional EMA, torch.compile and distillation from a teacher.
 
 It knows nothing of Ray: a Ray Train worker wraps the model and loaders (DDP, distributed sampler)
 and passes an `on_epoch_end` callback that reports and checkpoints. Validation metrics are
@@ -48,6 +48,21 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, *, kind: str, temperature: float
+) -> torch.Tensor:
+    """DeiT's two flavours: CE against the teacher's argmax ("hard"), or KL(teacher || student) of
+    the temperature-softened distributions, scaled by T² so gradients keep their size ("soft")."""
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(dim=1))
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=1),
+        F.log_softmax(teacher / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms, position embeddings and tokens (1-D or named so)."""
     decay, no_decay = [], []
@@ -76,7 +91,7 @@ class TrainingRun:
 
     `mixer` mixes each batch (mixup/cutmix, `vitbirds.data.batch_mixer`) into soft targets.
     `teacher` (a frozen classifier over the same inputs, e.g. a ResNet-18 model directory) turns on
-    DeiT hard-label distillation: loss = (CE(cls, labels) + CE(dist, teacher argmax)) / 2, where
+    DeiT distillation: loss = (CE(cls, labels) + distillation_loss(dist, teacher)) / 2, where
     `dist` is the distillation head of a ViT with `distill_token`, else the same logits.
     """
 
@@ -174,8 +189,13 @@ class TrainingRun:
         if self.teacher is None:
             return logits, loss
         with torch.no_grad():
-            teacher_labels = self.teacher(images).argmax(dim=1)
-        distill = F.cross_entropy(logits_dist.float(), teacher_labels)
+            teacher_logits = self.teacher(images).float()
+        distill = distillation_loss(
+            logits_dist.float(),
+            teacher_logits,
+            kind=self.config.distillation,
+            temperature=self.config.distill_temperature,
+        )
         return (logits + logits_dist) / 2, (loss + distill) / 2
 
     def evaluation_model(self) -> nn.Module:

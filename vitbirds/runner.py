@@ -119,8 +119,9 @@ def check_teacher(model_dir: str, class_names: list[str]) -> None:
 
 def load_teacher(model_dir: str, class_names: list[str], device: torch.device) -> nn.Module:
     """The frozen classifier a distilled run learns from (e.g. a ResNet-18 model directory)."""
-    check_teacher(model_dir, class_names)
-    return load_model(fetch_model_dir(model_dir), device=device).model
+    local = fetch_model_dir(model_dir)  # a gs:// teacher is copied once, then read locally
+    check_teacher(str(local), class_names)
+    return load_model(local, device=device).model
 
 
 def data_label(splits: DatasetSplits) -> str:

@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.baselines import build_classifier
-from vitbirds.benchmarking import report, target
+from jobs.benchlib.report import report, target
 from vitbirds.data import IMAGENET_MEAN, IMAGENET_STD, batch_mixer, discover_dataset, make_loaders
 from vitbirds.data.sources import DatasetSplits
 from vitbirds.errors import ConfigError
-from vitbirds.modelfile import ModelMetadata, read_metadata, save_model
+from vitbirds.model.baselines import build_classifier
+from vitbirds.model.files import ModelMetadata, read_metadata, save_model
 from vitbirds.paths import repo_root, shared_data_dir
 from vitbirds.presets import Recipe, get_recipe
-from vitbirds.runner import load_teacher
-from vitbirds.training import TrainingRun, fit, seed_everything
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
+from vitbirds.training.runner import load_teacher
 
 DEFAULT_RECIPE = "vit-cpu-distilled"
 RESNET_RECIPE = "vit-cpu"  # its data and training settings; the model is the ResNet-18

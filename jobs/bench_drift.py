@@ -3,14 +3,14 @@ accuracy.
 
 Trains a small ViT (32 px) on the 100 CUB species minus a held-out quarter of each species'
 training images, and saves it with its reference profile (the CUB valid split, 599 photos). Then
-runs the label-free monitor (`vitbirds.monitoring.assess`) on:
+runs the label-free monitor (`vitbirds.monitoring.assess.assess`) on:
 
 - random subsets of the held-out images (same distribution: every non-OK is a false alarm);
 - the held-out images blurred, darkened and colour-cast at several strengths;
 - a label shift (half the species thinned out); Kaggle photos of the 36 species both datasets
   have (true accuracy known) and of any of its 525 species; pure noise.
 
-Prints the table, then one JSON line (vitbirds.benchmarking.report). Runs without Ray:
+Prints the table, then one JSON line (jobs.benchlib.report.report). Runs without Ray:
 
     python jobs/bench_drift.py                     # ~5 min on 2 cores, the model cached in --out
     python jobs/bench_drift.py --subsets 50        # a tighter false-alarm estimate
@@ -29,19 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.benchmarking import report, target
-from vitbirds.data.sources import Sample, discover_dataset
-from vitbirds.modelfile import load_model
-from vitbirds.monitoring import MonitorConfig
-from vitbirds.paths import repo_root, shared_data_dir
-from vitbirds.presets import get_recipe
-from vitbirds.reference import (
-    UNKNOWN_LABEL,
-    image_dataset,
-    load_reference_profile,
-    samples_for_model,
-)
-from vitbirds.shifts import (
+from jobs.benchlib.report import report, target
+from jobs.benchlib.shifts import (
     SHIFTS,
     ScenarioResult,
     Subject,
@@ -53,6 +42,17 @@ from vitbirds.shifts import (
     subject_recipe,
     train_subject,
 )
+from vitbirds.data.sources import Sample, discover_dataset
+from vitbirds.model.files import load_model
+from vitbirds.monitoring.assess import MonitorConfig
+from vitbirds.monitoring.reference import (
+    UNKNOWN_LABEL,
+    image_dataset,
+    load_reference_profile,
+    samples_for_model,
+)
+from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.presets import get_recipe
 
 STRENGTHS = (0.25, 0.5, 1.0)
 FALSE_ALARM_GOAL = 0.10  # non-OK verdicts on same-distribution subsets

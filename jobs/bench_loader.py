@@ -5,10 +5,11 @@ vs vitbirds' decode-once uint8 cache + tensor transforms, on the cub100 training
 
 Both run single-threaded torch with loader_workers=0 (the training default); decoding the cache
 uses its thread pool. Epochs alternate between the two pipelines so machine load hits both alike.
-The last line printed is one JSON object (vitbirds.benchmarking.report).
+The last line printed is one JSON object (jobs.benchlib.report.report).
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from vitbirds.benchmarking import report, target
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.benchlib.report import report, target
 from vitbirds.config import DataConfig
 from vitbirds.data import ImageDataset, Sample, discover_dataset, load_rgb, train_transform
 from vitbirds.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD

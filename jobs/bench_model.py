@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.benchmarking import report, target
+from jobs.benchlib.report import report, target
 from vitbirds.config import ModelConfig
-from vitbirds.model import VisionTransformer
+from vitbirds.model.vit import VisionTransformer
 from vitbirds.presets import get_recipe
 
 DEFAULT_BATCH = {"vit-cpu": 64, "vit-s16": 8, "vit-b16": 4}

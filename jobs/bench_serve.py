@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray import serve
 
+from jobs.benchlib.report import report, target
 from serve.inference import BatchPredictor, ImagePreprocessor, top_k
 from serve.schemas import ServeSettings
 from serve.testing import SERVE_MODES, free_port, make_model_dir, photo_classes, start_app
-from vitbirds.benchmarking import report, target
-from vitbirds.modelfile import load_model
+from vitbirds.model.files import load_model
 from vitbirds.paths import repo_root, shared_data_dir
 
 CONFIG = repo_root() / "serve" / "config.yaml"

@@ -1,7 +1,7 @@
 """Training images/s: the plain single-process loop against Ray Train with 1 and 2 workers.
 
 One run, same data and recipe for all three:
-- plain: `vitbirds.training` called directly, torch using every CPU of the machine, measured
+- plain: `vitbirds.training.loop` called directly, torch using every CPU of the machine, measured
   before and after the Ray runs (the mean is the baseline: load drifts on a shared machine);
 - Ray Train, 1 worker holding every CPU (target: >= 0.9x plain, i.e. the adapter costs little);
 - Ray Train, 2 workers of 1 CPU/thread each (DDP over gloo), scaling as measured.
@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.benchmarking import report, target
+from jobs.benchlib.report import report, target
 from vitbirds.data.loading import make_loaders
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.presets import PRESETS, Recipe, get_recipe
-from vitbirds.runner import build_run_model, fit_recipe_to_data, prepare_dataset
-from vitbirds.training import TrainingRun, fit, seed_everything
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
+from vitbirds.training.runner import build_run_model, fit_recipe_to_data, prepare_dataset
 
 
 def steady_images_per_s(history: list[dict[str, float]]) -> float:
@@ -52,7 +52,7 @@ def plain_loop(recipe: Recipe, splits, threads: int) -> float:
 
 
 def ray_train(recipe: Recipe, storage: str, workers: int, cpus: int, cache_dir: str):
-    from vitbirds.ray_train import TrainJob, run_training
+    from vitbirds.ray_adapter.train import TrainJob, run_training
 
     job = TrainJob(
         recipe=recipe,
@@ -91,7 +91,7 @@ def main() -> None:
         recipe = fit_recipe_to_data(recipe, splits)
         plain_before = plain_loop(recipe, splits, cpus)
 
-        from vitbirds.ray_train import connect
+        from vitbirds.ray_adapter.train import connect
 
         connect("local", num_cpus=cpus, include_dashboard=False)  # lighter start on 2 cores
         one, one_startup = ray_train(recipe, f"{scratch}/runs", 1, cpus, cache_dir)

@@ -26,16 +26,16 @@ from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_datase
 from vitbirds.data.synthetic import load_mask
 from vitbirds.devices import resolve_device
 from vitbirds.errors import DataError, VitbirdsError
-from vitbirds.evaluation import (
+from vitbirds.evaluation.evaluate import (
     EvaluationConfig,
     attention_check,
     evaluate_model,
     log_to_tracker,
     write_report,
 )
-from vitbirds.modelfile import LoadedModel, load_model
-from vitbirds.runner import data_label
-from vitbirds.tracking import TRACKERS, make_tracker
+from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.training.runner import data_label
+from vitbirds.training.tracking import TRACKERS, make_tracker
 
 ATTENTION_FILE = "attention_check.json"
 

@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitbirds.data.sources import discover_dataset
 from vitbirds.errors import ConfigError, DataError, VitbirdsError
-from vitbirds.modelfile import ModelMetadata, load_model, read_metadata
-from vitbirds.monitor_report import render_report
-from vitbirds.monitoring import (
+from vitbirds.model.files import ModelMetadata, load_model, read_metadata
+from vitbirds.monitoring.assess import (
     Assessment,
     MonitorConfig,
     Observations,
@@ -47,9 +46,8 @@ from vitbirds.monitoring import (
     recent,
     window_drift,
 )
-from vitbirds.paths import repo_root
-from vitbirds.predictions import read_log
-from vitbirds.reference import (
+from vitbirds.monitoring.predictions import read_log
+from vitbirds.monitoring.reference import (
     REFERENCE_JSON,
     ReferenceProfile,
     build_reference_profile,
@@ -59,7 +57,9 @@ from vitbirds.reference import (
     samples_for_model,
     save_reference_profile,
 )
-from vitbirds.tracking import TRACKERS, make_tracker
+from vitbirds.monitoring.report import render_report
+from vitbirds.paths import repo_root
+from vitbirds.training.tracking import TRACKERS, make_tracker
 
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
 AUTO_WINDOWS = 8  # without --window the log's span is cut into this many windows for the report

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.presets import PRESETS, Recipe, get_recipe
-from vitbirds.tracking import TRACKERS
+from vitbirds.training.tracking import TRACKERS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vitbirds").setLevel(logging.INFO)
     try:
-        from vitbirds import ray_train
+        from vitbirds.ray_adapter import train as ray_train
 
         recipe = build_recipe(args)
         if recipe.model.distill_token and not args.teacher:

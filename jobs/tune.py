@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.presets import PRESETS, Recipe
-from vitbirds.sweep import (
+from vitbirds.training.sweep import (
     PARAMS,
     SEARCHES,
     Choice,
@@ -63,10 +63,10 @@ from vitbirds.sweep import (
     train_argv,
     write_table,
 )
-from vitbirds.tracking import TRACKERS, make_tracker
+from vitbirds.training.tracking import TRACKERS, make_tracker
 
 if TYPE_CHECKING:
-    from vitbirds.ray_train import TrainOutcome
+    from vitbirds.ray_adapter.train import TrainOutcome
 
 # Flags that are sweep settings (SweepConfig fields); the space flags are built from PARAMS.
 SETTINGS = (
@@ -223,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from vitbirds import ray_train, ray_tune
-        from vitbirds.runner import data_label, fit_recipe_to_data, prepare_dataset
+        from vitbirds.ray_adapter import train as ray_train
+        from vitbirds.ray_adapter import tune as ray_tune
+        from vitbirds.training.runner import data_label, fit_recipe_to_data, prepare_dataset
 
         sweep = build_sweep(args)
         train = train_cli()

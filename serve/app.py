@@ -58,8 +58,8 @@ from serve.schemas import (
 )
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ImageDecodeError
-from vitbirds.modelfile import fetch_model_dir, load_model, read_metadata
-from vitbirds.predictions import (
+from vitbirds.model.files import fetch_model_dir, load_model, read_metadata
+from vitbirds.monitoring.predictions import (
     BackgroundPredictionLog,
     FeedbackRecord,
     PredictionLog,

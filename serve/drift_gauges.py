@@ -1,7 +1,7 @@
 """Live drift gauges: the monitoring job's headline numbers, recomputed by the ingress from its own
 prediction log every few minutes, for Prometheus and `GET /drift`.
 
-The numbers are `vitbirds.monitoring.headline_gauges` of the same assessment that
+The numbers are `vitbirds.monitoring.assess.headline_gauges` of the same assessment that
 `jobs/monitor.py --prediction-log LOG --window W` makes, so a dashboard and the job's monitor.json
 agree on the same window. The work runs in a daemon thread (numpy and scipy release the GIL for
 most of it), so requests never wait for it; the job stays the place for reports and retraining.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vitbirds.errors import DataError, ModelFileError
-from vitbirds.monitoring import (
+from vitbirds.monitoring.assess import (
     MonitorConfig,
     Observations,
     assess,
@@ -23,8 +23,8 @@ from vitbirds.monitoring import (
     parse_window,
     recent,
 )
-from vitbirds.predictions import read_log
-from vitbirds.reference import ReferenceProfile, load_reference_profile
+from vitbirds.monitoring.predictions import read_log
+from vitbirds.monitoring.reference import ReferenceProfile, load_reference_profile
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,9 +14,9 @@ import torch
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.explain import denormalize, explain_image, render_overlay
-from vitbirds.modelfile import LoadedModel, ModelMetadata
-from vitbirds.predictions import EmbeddingProjector
+from vitbirds.model.explain import denormalize, explain_image, render_overlay
+from vitbirds.model.files import LoadedModel, ModelMetadata
+from vitbirds.monitoring.predictions import EmbeddingProjector
 
 _IDENTITY_MEAN = (0.0, 0.0, 0.0)
 _IDENTITY_STD = (1.0, 1.0, 1.0)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS
 from vitbirds.errors import ConfigError
-from vitbirds.monitoring import parse_window
+from vitbirds.monitoring.assess import parse_window
 
 MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
 

@@ -13,8 +13,8 @@ from ray import serve
 from serve.app import build_app
 from serve.schemas import ServeSettings
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from vitbirds.model import build_model
-from vitbirds.modelfile import ModelMetadata, save_model
+from vitbirds.model.files import ModelMetadata, save_model
+from vitbirds.model.vit import build_model
 from vitbirds.presets import get_recipe
 
 DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")

@@ -623,7 +623,7 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
         ("service-account-key.json", True),
         ("pyproject.toml", False),
         ("README.md", False),
-        ("vitbirds/model.py", False),
+        ("vitbirds/model/vit.py", False),
         ("jobs/train.py", False),
         ("serve/app.py", False),
         ("serve/config.yaml", False),

@@ -1,8 +1,6 @@
 """The decode-once cache and the loaders: bad files skipped and reported once, batch shapes."""
 
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -137,21 +135,3 @@ def test_no_test_split_gives_no_test_loader(shared_data):
     splits = discover_dataset(shared_data / "cub100", num_classes=2, images_per_class=2)
     _, _, test = make_loaders(splits, DataConfig(image_size=32), TrainConfig(batch_size=4))
     assert test is None
-
-
-def test_distributed_hands_every_loader_to_ray_train(synthetic_splits, monkeypatch):
-    prepared = []
-
-    def prepare_data_loader(loader):
-        prepared.append(loader)
-        return loader
-
-    fake = types.ModuleType("ray.train.torch")
-    fake.prepare_data_loader = prepare_data_loader
-    for name in ("ray", "ray.train"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "ray.train.torch", fake)
-    loaders = make_loaders(
-        synthetic_splits, DataConfig(image_size=32), TrainConfig(), distributed=True
-    )
-    assert prepared == list(loaders)

@@ -5,7 +5,8 @@ import pytest
 from scipy.special import softmax
 from scipy.stats import entropy
 
-from vitbirds.drift import (
+from vitbirds.evaluation.metrics import per_class_auroc
+from vitbirds.monitoring.drift import (
     atc_estimate,
     atc_threshold,
     auroc_of_resamples,
@@ -20,7 +21,6 @@ from vitbirds.drift import (
     scaled_confidence,
     topk_entropy,
 )
-from vitbirds.metrics import per_class_auroc
 
 NAMES = [f"class{i}" for i in range(20)]
 

@@ -25,7 +25,7 @@ from vitbirds.data import (
 )
 from vitbirds.data.sources import DatasetSplits, Sample
 from vitbirds.errors import DataError
-from vitbirds.evaluation import (
+from vitbirds.evaluation.evaluate import (
     EvaluationConfig,
     attention_check,
     confusion_order,
@@ -33,12 +33,12 @@ from vitbirds.evaluation import (
     log_to_tracker,
     write_report,
 )
-from vitbirds.metrics import confusion_from_entries
-from vitbirds.model import build_model
-from vitbirds.modelfile import LoadedModel, load_model, save_model
+from vitbirds.evaluation.metrics import confusion_from_entries
+from vitbirds.model.files import LoadedModel, load_model, save_model
+from vitbirds.model.vit import build_model
 from vitbirds.presets import Recipe
-from vitbirds.runner import build_metadata, data_label
-from vitbirds.training import TrainingRun, seed_everything
+from vitbirds.training.loop import TrainingRun, seed_everything
+from vitbirds.training.runner import build_metadata, data_label
 
 
 def _load_cli():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitbirds.explain import (
+from vitbirds.model.explain import (
     attention_rollout,
     discard_lowest,
     explain_image,
@@ -16,7 +16,7 @@ from vitbirds.explain import (
     render_overlay,
     rollout_map,
 )
-from vitbirds.model import build_model
+from vitbirds.model.vit import build_model
 from vitbirds.presets import get_recipe
 
 GRID = (3, 3)

@@ -4,9 +4,9 @@ import torch
 
 from vitbirds.data import discover_dataset, make_loaders, make_synthetic_dataset
 from vitbirds.devices import resolve_device
-from vitbirds.model import build_model
+from vitbirds.model.vit import build_model
 from vitbirds.presets import get_recipe
-from vitbirds.training import TrainingRun, fit, seed_everything
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
 
 
 def test_vit_learns_the_synthetic_birds_well_above_chance(tmp_path) -> None:

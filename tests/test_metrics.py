@@ -1,5 +1,5 @@
-"""vitbirds.metrics agrees with scikit-learn on random and edge cases, and never crashes on a
-split where a class is missing."""
+"""vitbirds.evaluation.metrics agrees with scikit-learn on random and edge cases, and never
+crashes on a split where a class is missing."""
 
 import itertools
 import json
@@ -9,7 +9,11 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from vitbirds.metrics import classification_report, confusion_from_entries, evaluate_predictions
+from vitbirds.evaluation.metrics import (
+    classification_report,
+    confusion_from_entries,
+    evaluate_predictions,
+)
 
 NUM_CLASSES = 8
 

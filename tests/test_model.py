@@ -5,7 +5,7 @@ import torch
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
-from vitbirds.model import VisionTransformer, build_model, resize_pos_embed
+from vitbirds.model.vit import VisionTransformer, build_model, resize_pos_embed
 from vitbirds.presets import PRESETS, get_recipe
 
 SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)

@@ -8,8 +8,14 @@ import torch
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
-from vitbirds.model import VisionTransformer
-from vitbirds.modelfile import ModelMetadata, fetch_model_dir, load_model, read_metadata, save_model
+from vitbirds.model.files import (
+    ModelMetadata,
+    fetch_model_dir,
+    load_model,
+    read_metadata,
+    save_model,
+)
+from vitbirds.model.vit import VisionTransformer
 
 CONFIG = ModelConfig(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=3)
 

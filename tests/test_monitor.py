@@ -13,12 +13,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from jobs.benchlib.shifts import Subject, label_shift, noise_images, train_subject
 from serve.drift_gauges import DriftWatcher
 from vitbirds.data import make_synthetic_dataset
-from vitbirds.drift import DriftTestResult, Interval
 from vitbirds.errors import ConfigError, ModelFileError
-from vitbirds.modelfile import load_model
-from vitbirds.monitoring import (
+from vitbirds.model.files import load_model
+from vitbirds.monitoring.assess import (
     Assessment,
     Decision,
     LabelledMetrics,
@@ -30,23 +30,23 @@ from vitbirds.monitoring import (
     parse_window,
     recent,
 )
-from vitbirds.predictions import (
+from vitbirds.monitoring.drift import DriftTestResult, Interval
+from vitbirds.monitoring.predictions import (
     EmbeddingProjector,
     FeedbackRecord,
     PredictionLog,
     PredictionRecord,
     read_log,
 )
-from vitbirds.presets import get_recipe
-from vitbirds.reference import (
+from vitbirds.monitoring.reference import (
     REFERENCE_JSON,
     ModelOutputs,
     image_dataset,
     load_reference_profile,
     model_outputs,
 )
-from vitbirds.shifts import Subject, label_shift, noise_images, train_subject
-from vitbirds.tracking import default_mlflow_uri
+from vitbirds.presets import get_recipe
+from vitbirds.training.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from torch.utils.data import Subset
 
-from vitbirds.data.sources import discover_dataset
-from vitbirds.modelfile import load_model
-from vitbirds.reference import image_dataset, load_reference_profile, samples_for_model
-from vitbirds.shifts import (
+from jobs.benchlib.shifts import (
     SHIFTS,
     Subject,
     get_shift,
@@ -23,6 +20,9 @@ from vitbirds.shifts import (
     subject_recipe,
     train_subject,
 )
+from vitbirds.data.sources import discover_dataset
+from vitbirds.model.files import load_model
+from vitbirds.monitoring.reference import image_dataset, load_reference_profile, samples_for_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBSETS = 4

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from test_monitor import write_log
 
+from jobs.benchlib.shifts import Subject, noise_images, train_subject
 from vitbirds.data import make_synthetic_dataset
-from vitbirds.modelfile import load_model
+from vitbirds.model.files import load_model
+from vitbirds.monitoring.reference import REFERENCE_JSON, model_outputs
 from vitbirds.presets import get_recipe
-from vitbirds.reference import REFERENCE_JSON, model_outputs
-from vitbirds.shifts import Subject, noise_images, train_subject
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 420

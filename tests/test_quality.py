@@ -5,14 +5,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vitbirds.baselines import build_classifier
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
 from vitbirds.data import batch_mixer, discover_dataset, make_loaders, make_synthetic_dataset
 from vitbirds.errors import ConfigError
-from vitbirds.model import VisionTransformer
-from vitbirds.modelfile import ModelMetadata, load_model, save_model
+from vitbirds.model.baselines import build_classifier
+from vitbirds.model.files import ModelMetadata, load_model, save_model
+from vitbirds.model.vit import VisionTransformer
 from vitbirds.presets import get_recipe
-from vitbirds.training import TrainingRun, distillation_loss, fit, seed_everything
+from vitbirds.training.loop import TrainingRun, distillation_loss, fit, seed_everything
 
 SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray_head import RAY, http_status
 
-from vitbirds.modelfile import load_model
+from vitbirds.model.files import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

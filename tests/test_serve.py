@@ -29,9 +29,13 @@ from serve.testing import deployment_options, make_model_dir, photo_classes, sta
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.modelfile import LoadedModel, load_model
-from vitbirds.predictions import EMBEDDING_DIM, read_log
-from vitbirds.reference import build_reference_profile, samples_for_model, save_reference_profile
+from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.monitoring.predictions import EMBEDDING_DIM, read_log
+from vitbirds.monitoring.reference import (
+    build_reference_profile,
+    samples_for_model,
+    save_reference_profile,
+)
 
 BODY_LIMIT = 2_000_000
 INGRESS_QUEUE = 16

@@ -1,4 +1,5 @@
-"""The prediction log (vitbirds.predictions) that Serve writes and the monitoring job reads."""
+"""The prediction log (vitbirds.monitoring.predictions) that Serve writes and the monitoring
+job reads."""
 
 import time
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitbirds.predictions import (
+from vitbirds.monitoring.predictions import (
     EMBEDDING_DIM,
     LOG_PATH_ENV,
     BackgroundPredictionLog,

@@ -27,7 +27,7 @@ import yaml
 from test_serve import assert_matches_offline, offline_probabilities
 
 from serve.testing import SERVE_MODES, free_port, make_model_dir, photo_classes
-from vitbirds.modelfile import LoadedModel, load_model
+from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.paths import repo_root
 
 SERVE = Path(sys.executable).parent / "serve"

@@ -6,8 +6,8 @@ from safetensors.torch import save_file
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
-from vitbirds.model import VisionTransformer
-from vitbirds.pretrained import init_from_timm
+from vitbirds.model.pretrained import init_from_timm
+from vitbirds.model.vit import VisionTransformer
 
 timm = pytest.importorskip("timm")
 

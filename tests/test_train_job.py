@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from vitbirds.errors import ConfigError
-from vitbirds.modelfile import load_model, read_metadata
+from vitbirds.model.files import load_model, read_metadata
+from vitbirds.monitoring.reference import load_reference_profile
 from vitbirds.presets import get_recipe
-from vitbirds.ray_train import TrainJob, run_training
-from vitbirds.reference import load_reference_profile
-from vitbirds.runner import build_run_model
-from vitbirds.tracking import default_mlflow_uri
+from vitbirds.ray_adapter.train import TrainJob, run_training
+from vitbirds.training.runner import build_run_model
+from vitbirds.training.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 

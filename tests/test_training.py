@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitbirds.config import ModelConfig, TrainConfig
-from vitbirds.model import VisionTransformer
-from vitbirds.modelfile import ModelMetadata, load_model
-from vitbirds.training import (
+from vitbirds.model.files import ModelMetadata, load_model
+from vitbirds.model.vit import VisionTransformer
+from vitbirds.training.loop import (
     TrainingRun,
     fit,
     load_checkpoint,

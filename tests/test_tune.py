@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitbirds.modelfile import load_model
+from vitbirds.model.files import load_model
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_reproduce_command_names_the_best_trial_values(grid_sweep) -> None:
 def test_sweep_is_one_mlflow_parent_run_with_a_child_per_trial(grid_sweep) -> None:
     from mlflow.tracking import MlflowClient
 
-    from vitbirds.tracking import default_mlflow_uri
+    from vitbirds.training.tracking import default_mlflow_uri
 
     client = MlflowClient(default_mlflow_uri(grid_sweep["out"] / "runs"))
     experiment = client.get_experiment_by_name("vitbirds")

@@ -10,7 +10,7 @@ import pytest
 
 from vitbirds.errors import ConfigError
 from vitbirds.presets import get_recipe
-from vitbirds.sweep import (
+from vitbirds.training.sweep import (
     Choice,
     LogUniform,
     SweepConfig,
@@ -69,7 +69,7 @@ def test_lr_choices_is_a_list_and_grid_search_accepts_it() -> None:
 
 
 def test_grid_search_enumerates_lists_and_samples_ranges() -> None:
-    from vitbirds.ray_tune import tune_space
+    from vitbirds.ray_adapter.tune import tune_space
 
     sweep = _sweep("--search", "grid", "--depth", "4", "8", "--lr", "1e-4", "3e-3")
     space = tune_space(sweep.space, sweep.search)

@@ -118,16 +118,15 @@ def make_loaders(
     data_cfg: DataConfig,
     train_cfg: TrainConfig,
     *,
-    distributed: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     """(train, valid, test) loaders; test is None when the dataset has no test split.
 
     Plain DataLoaders (train shuffled by a seeded generator, no custom sampler), so Ray Train's
-    `prepare_data_loader` can add its DistributedSampler; `distributed=True` does exactly that
-    (inside a Ray Train worker only). Batches are (float images [B, 3, H, W], int64 labels [B]);
-    mixup/cutmix are applied on the device by `transforms.batch_mixer`.
+    `prepare_data_loader` can add its DistributedSampler (the Ray adapter does). Batches are
+    (float images [B, 3, H, W], int64 labels [B]); mixup/cutmix are applied on the device by
+    `transforms.batch_mixer`.
     """
     decode_size = round(data_cfg.image_size * data_cfg.decode_scale)
     eval_tf = eval_transform(data_cfg.image_size, mean, std, resize_scale=data_cfg.decode_scale)
@@ -145,14 +144,8 @@ def make_loaders(
             generator=torch.Generator().manual_seed(train_cfg.seed) if shuffle else None,
         )
 
-    loaders = (
+    return (
         loader(splits.train, train_transform(data_cfg, mean, std), shuffle=True),
         loader(splits.valid, eval_tf, shuffle=False),
         loader(splits.test, eval_tf, shuffle=False) if splits.test else None,
     )
-    if not distributed:
-        return loaders
-    from ray.train.torch import prepare_data_loader  # Ray only where it is asked for
-
-    train, valid, test = (None if dl is None else prepare_data_loader(dl) for dl in loaders)
-    return train, valid, test

@@ -44,7 +44,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from vitbirds.metrics import per_class_auroc
+from vitbirds.evaluation.metrics import per_class_auroc
 
 PSI_SMOOTHING = 0.5  # pseudo-count per class, so a class absent on one side has a finite PSI
 
@@ -394,8 +394,9 @@ def auroc_of_resamples(labels: np.ndarray, probs: np.ndarray) -> Callable[[np.nd
 
     A resample holds the original rows with multiplicities, so each class's Mann-Whitney U is a
     weighted sum over the rows sorted once (ties count one half, classes without positives or
-    negatives are skipped: `vitbirds.metrics.per_class_auroc`'s conventions). Sorting [N, C]
-    once instead of per resample is what makes 1000 resamples of 100 classes take seconds.
+    negatives are skipped: the conventions of `vitbirds.evaluation.metrics.per_class_auroc`).
+    Sorting [N, C] once instead of per resample is what makes 1000 resamples of 100 classes take
+    seconds.
     """
     n, c = probs.shape
     order = np.argsort(probs, axis=0, kind="stable")

@@ -1,8 +1,9 @@
 """Hyperparameter sweeps without Ray: the search space, each trial's recipe, the results table,
 the plot, the tracker record and the jobs/train.py command that reproduces a trial.
 
-`vitbirds.ray_tune` turns a `SweepConfig` into a Ray Tune run and hands back one `TrialRow` per
-trial; everything here is plain data in, plain data out, so it is testable without a cluster.
+`vitbirds.ray_adapter.tune` turns a `SweepConfig` into a Ray Tune run and hands back one
+`TrialRow` per trial; everything here is plain data in, plain data out, so it is testable
+without a cluster.
 
 A space dimension is a `Choice` (a list: grid search enumerates it, the samplers pick from it) or
 a `LogUniform` range (learning rates, weight decay), sampled per trial even in a grid search:
@@ -25,9 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
-from vitbirds.model import build_model, count_parameters
+from vitbirds.model.vit import build_model, count_parameters
 from vitbirds.presets import Recipe
-from vitbirds.tracking import Tracker
+from vitbirds.training.tracking import Tracker
 
 METRIC = "val_top1"  # what ASHA stops on and the table is sorted by (higher is better)
 SEARCHES = ("grid", "random", "optuna")
@@ -157,7 +158,9 @@ class SweepConfig:
     data_dir: str | None = None  # None: the generated synthetic birds
     num_classes: int | None = None
     images_per_class: int | None = None
-    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.runner's default
+    cache_dir: str | None = (
+        None  # generated synthetic data; None: vitbirds.training.runner's default
+    )
     epochs: int | None = None  # None: the preset's; also ASHA's max_t
     batch_size: int | None = None
     seed: int | None = None

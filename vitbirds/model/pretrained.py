@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from vitbirds.errors import ModelFileError
-from vitbirds.model import VisionTransformer, resize_pos_embed
-from vitbirds.modelfile import refuse_pickle
+from vitbirds.model.files import refuse_pickle
+from vitbirds.model.vit import VisionTransformer, resize_pos_embed
 
 
 def adapt_timm_state_dict(

@@ -1,19 +1,19 @@
 """The reference profile: how the model behaved on its validation set, saved beside its weights.
 
-Drift monitoring (`vitbirds.monitoring`, `jobs/monitor.py`) compares new traffic with this
+Drift monitoring (`vitbirds.monitoring.assess`, `jobs/monitor.py`) compares new traffic with this
 profile, so it must be what the model really did on data of the training distribution it never
 trained on, and the features must be computed exactly as Serve logs them:
 
 - images decoded and transformed as evaluation and Serve do (`load_rgb` at the short side
   `image_size * EVAL_RESIZE_SCALE`, `eval_transform`);
 - embeddings are the CLS embedding through the same seeded projection as the prediction log
-  (`vitbirds.predictions.EmbeddingProjector`), so logged and reference vectors compare.
+  (`vitbirds.monitoring.predictions.EmbeddingProjector`), so logged and reference vectors compare.
 
 Files in the model directory:
 - `reference.safetensors`: `logits` [N, C] float32, `embeddings` [N, D] float32, `labels` [N]
   int64 (the model's class indices);
 - `reference.json`: model name/version, class names, split, the projection's parameters, the
-  fitted temperature, the ATC threshold and the per-class metrics (`vitbirds.metrics`).
+  fitted temperature, the ATC threshold and the per-class metrics (`vitbirds.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from vitbirds.data.loading import ImageDataset
 from vitbirds.data.sources import Sample
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.drift import atc_threshold, fit_temperature
 from vitbirds.errors import DataError, ModelFileError
-from vitbirds.metrics import classification_report
-from vitbirds.modelfile import LoadedModel, ModelMetadata
-from vitbirds.predictions import EMBEDDING_DIM, EMBEDDING_SEED, EmbeddingProjector
+from vitbirds.evaluation.metrics import classification_report
+from vitbirds.model.files import LoadedModel, ModelMetadata
+from vitbirds.monitoring.drift import atc_threshold, fit_temperature
+from vitbirds.monitoring.predictions import EMBEDDING_DIM, EMBEDDING_SEED, EmbeddingProjector
 
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"

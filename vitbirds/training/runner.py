@@ -1,8 +1,8 @@
 """Assemble a training run from a Recipe: dataset on disk, model, metadata. No Ray here.
 
-The Ray Train adapter (`vitbirds.ray_train`), the plain-loop benchmark and the tests build their
-runs from these helpers, so "which images, which model, what the model file says about them" has
-one definition whether a run is distributed or not.
+The Ray Train adapter (`vitbirds.ray_adapter.train`), the plain-loop benchmark and the tests
+build their runs from these helpers, so "which images, which model, what the model file says
+about them" has one definition whether a run is distributed or not.
 """
 
 import logging
@@ -19,10 +19,10 @@ from vitbirds.data.sources import DatasetSplits, discover_dataset
 from vitbirds.data.synthetic import GENERATOR_VERSION, make_synthetic_dataset
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vitbirds.errors import ConfigError
-from vitbirds.model import build_model
-from vitbirds.modelfile import ModelMetadata, fetch_model_dir, load_model, read_metadata
+from vitbirds.model.files import ModelMetadata, fetch_model_dir, load_model, read_metadata
+from vitbirds.model.pretrained import init_from_timm
+from vitbirds.model.vit import build_model
 from vitbirds.presets import Recipe
-from vitbirds.pretrained import init_from_timm
 
 logger = logging.getLogger(__name__)
 

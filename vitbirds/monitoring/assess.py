@@ -4,7 +4,7 @@ new traffic, labelled or not.
 Inputs are `Observations`: what the model predicted for new images, either from running it on a
 labelled folder (`Observations.from_outputs`) or from Serve's prediction log
 (`Observations.from_log`, feedback labels joined on). `assess` compares them with the model's
-`ReferenceProfile` (vitbirds.reference) using the tests of `vitbirds.drift`:
+`ReferenceProfile` (vitbirds.monitoring.reference) using the tests of `vitbirds.monitoring.drift`:
 
 - label-free drift: top-1 confidence and entropy (KS), predicted-class mix (chi-square, PSI),
   embeddings (MMD permutation test), Bonferroni-corrected (see below);
@@ -46,7 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from vitbirds.drift import (
+from vitbirds.errors import ConfigError, DataError
+from vitbirds.evaluation.metrics import confusion_matrix, precision_recall_f1
+from vitbirds.monitoring.drift import (
     ClassDrop,
     DriftTestResult,
     Interval,
@@ -62,10 +64,8 @@ from vitbirds.drift import (
     scaled_confidence,
     topk_entropy,
 )
-from vitbirds.errors import ConfigError, DataError
-from vitbirds.metrics import confusion_matrix, precision_recall_f1
-from vitbirds.predictions import PredictionLogContents
-from vitbirds.reference import UNKNOWN_LABEL, ModelOutputs, ReferenceProfile
+from vitbirds.monitoring.predictions import PredictionLogContents
+from vitbirds.monitoring.reference import UNKNOWN_LABEL, ModelOutputs, ReferenceProfile
 
 LABEL_FREE_TESTS = ("confidence", "entropy", "predicted_class", "embedding_mmd")
 # With labels: the accuracy drop, the per-class recall drops and the label mix ("label_class").

@@ -1,4 +1,4 @@
-"""Ray Train adapter: the one training loop of `vitbirds.training`, on N Ray workers.
+"""Ray Train adapter: the one training loop of `vitbirds.training.loop`, on N Ray workers.
 
 The only module of the package that imports Ray. Everything a worker does besides talking to Ray
 (data, model, loop, checkpoint format) comes from the Ray-free modules, so a distributed run and
@@ -9,14 +9,14 @@ the plain single-process loop train the same way.
   split exactly (rank::world) so epoch metrics count every image once. Apple MPS: one worker with
   `use_gpu=False` that moves model and batches to `mps` itself (Ray has no MPS device manager).
 - Every epoch all workers call `ray.train.report` with the global metrics; rank 0 attaches a
-  checkpoint in the format of `vitbirds.training.save_checkpoint`. `CheckpointConfig` keeps the
+  checkpoint in the format of `vitbirds.training.loop.save_checkpoint`. `CheckpointConfig` keeps the
   best k by `val_top1` (plus the latest, which resuming needs).
 - Fault tolerance: `FailureConfig(max_failures)` restarts the worker group from the latest
   checkpoint; a rerun with the same run name and storage path resumes the same way.
 - The driver prints one line per epoch and feeds the tracker: a controller callback forwards
   rank 0's report to a small actor the driver drains, so only one process ever logs.
 - At the end the driver evaluates the best checkpoint on the test split (valid when there is
-  none) with `vitbirds.evaluation` and exports the servable model directory.
+  none) with `vitbirds.evaluation.evaluate` and exports the servable model directory.
 """
 
 import json
@@ -45,9 +45,16 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.modelfile import load_model, read_metadata, save_model
+from vitbirds.model.files import load_model, read_metadata, save_model
 from vitbirds.presets import Recipe
-from vitbirds.runner import (
+from vitbirds.training.loop import (
+    TrainingRun,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from vitbirds.training.runner import (
     build_metadata,
     build_run_model,
     check_teacher,
@@ -56,8 +63,7 @@ from vitbirds.runner import (
     load_teacher,
     prepare_dataset,
 )
-from vitbirds.tracking import Tracker, make_tracker
-from vitbirds.training import TrainingRun, fit, load_checkpoint, save_checkpoint, seed_everything
+from vitbirds.training.tracking import Tracker, make_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ class TrainJob:
     tracker: str = "mlflow"
     evaluate: bool = True
     export_dir: str | None = None  # a stable copy of the exported model, e.g. models/latest
-    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.runner default
+    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.training.runner default
     # Test hook: the worker group that started from scratch fails after training this epoch and
     # before reporting it, so Ray Train must restart from the previous epoch's checkpoint.
     fail_at_epoch: int | None = None
@@ -449,14 +455,14 @@ def _train_and_export(
 ) -> TrainOutcome:
     # Imported here, not at the top: workers import this module too, and matplotlib/scipy
     # would only slow every worker's start.
-    from vitbirds.evaluation import (
+    from vitbirds.evaluation.evaluate import (
         confusion_png,
         evaluate_model,
         learning_curves_png,
         log_to_tracker,
         write_report,
     )
-    from vitbirds.reference import build_reference_profile, save_reference_profile
+    from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 
     tracker.log_params({**job.to_dict(), "system": system_info(job)})
     tracker.set_tags(

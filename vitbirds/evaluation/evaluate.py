@@ -35,16 +35,16 @@ from vitbirds.data.loading import ImageDataset, SkippedImage
 from vitbirds.data.sources import Sample
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import DataError
-from vitbirds.explain import (
+from vitbirds.evaluation.metrics import ClassificationReport, ClassMetrics, classification_report
+from vitbirds.model.explain import (
     HeadFusion,
     Method,
     attention_maps,
     denormalize,
     render_overlay,
 )
-from vitbirds.metrics import ClassificationReport, ClassMetrics, classification_report
-from vitbirds.modelfile import LoadedModel
-from vitbirds.tracking import Tracker
+from vitbirds.model.files import LoadedModel
+from vitbirds.training.tracking import Tracker
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"

@@ -9,7 +9,7 @@ from torch import nn
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
-from vitbirds.model import build_model
+from vitbirds.model.vit import build_model
 
 ARCHITECTURES = ("vit", "resnet18")
 

@@ -23,11 +23,10 @@ from vitbirds.data.loading import make_loaders
 from vitbirds.data.sources import DatasetSplits, Sample, discover_dataset, stratified_split
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import ConfigError
-from vitbirds.model import build_model
-from vitbirds.modelfile import LoadedModel, load_model, save_model
-from vitbirds.monitoring import Assessment, MonitorConfig, Observations, assess
-from vitbirds.presets import Recipe, get_recipe
-from vitbirds.reference import (
+from vitbirds.model.files import LoadedModel, load_model, save_model
+from vitbirds.model.vit import build_model
+from vitbirds.monitoring.assess import Assessment, MonitorConfig, Observations, assess
+from vitbirds.monitoring.reference import (
     UNKNOWN_LABEL,
     Perturbation,
     ReferenceProfile,
@@ -36,8 +35,9 @@ from vitbirds.reference import (
     model_outputs,
     save_reference_profile,
 )
-from vitbirds.runner import build_metadata
-from vitbirds.training import TrainingRun, fit, seed_everything
+from vitbirds.presets import Recipe, get_recipe
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
+from vitbirds.training.runner import build_metadata
 
 MAX_BLUR_SIGMA = 0.1  # at strength 1: sigma is a tenth of the image side
 # Channel gains at strength 1: a strong warm cast (tungsten light, a sepia filter).

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vitbirds.config import TrainConfig
 from vitbirds.errors import ModelFileError
-from vitbirds.modelfile import ModelMetadata, save_model, unwrap_model
+from vitbirds.model.files import ModelMetadata, save_model, unwrap_model
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"

@@ -1,7 +1,7 @@
 """A Vision Transformer (Dosovitskiy et al. 2020) written from scratch.
 
 Parameter names match timm's `VisionTransformer`, so a timm state dict of the same shape loads
-as-is (see `vitbirds.pretrained`). Attention runs through the fused
+as-is (see `vitbirds.model.pretrained`). Attention runs through the fused
 `F.scaled_dot_product_attention` unless a caller asks for the weights, which only the explicit
 softmax path can return; both paths compute the same function.
 
@@ -9,7 +9,7 @@ Options for small data: a convolutional stem (Xiao et al. 2021, `ConvStemPatchEm
 patch tokenization (`ShiftedPatchEmbed`) and locality self-attention (`Attention` with
 `locality=True`) from Lee et al. 2021 ("Vision Transformer for Small-Size Datasets"); and, from
 Touvron et al. 2021 (DeiT), a distillation token: a second prefix token after CLS with its own
-head (`head_dist`, named as in timm), which `vitbirds.training` trains against a teacher's
+head (`head_dist`, named as in timm), which `vitbirds.training.loop` trains against a teacher's
 predictions.
 """
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitbirds import __version__
-from vitbirds.baselines import build_classifier
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
+from vitbirds.model.baselines import build_classifier
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -37,7 +37,7 @@ class ModelMetadata:
     mean: list[float]
     std: list[float]
     image_size: int
-    architecture: str = "vit"  # or "resnet18", a baseline/teacher (vitbirds.baselines)
+    architecture: str = "vit"  # or "resnet18", a baseline/teacher (vitbirds.model.baselines)
     name: str = "vitbirds"
     version: str = ""  # defaults to the creation timestamp
     metrics: dict[str, float] = field(default_factory=dict)
@@ -143,7 +143,7 @@ def refuse_pickle(path: Path) -> None:
     if is_pickle or path.suffix in _PICKLE_SUFFIXES:
         raise UnsafeModelFileError(
             f"{path} is a pickle/torch.save file; loading it would run arbitrary code, so vitbirds "
-            "refuses it. Export weights with safetensors (vitbirds.modelfile.save_model)."
+            "refuses it. Export weights with safetensors (vitbirds.model.files.save_model)."
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from vitbirds.monitoring import LABEL_FREE_TESTS, Observations
+from vitbirds.monitoring.assess import LABEL_FREE_TESTS, Observations
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

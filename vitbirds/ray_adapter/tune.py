@@ -1,7 +1,8 @@
 """Ray Tune adapter: a sweep whose every trial is the jobs/train.py TorchTrainer.
 
 Ray 2.60's Train v2 pattern: the Tune trial is a small driver function that builds the run's
-TorchTrainer (`vitbirds.ray_train.build_trainer`) with a `TuneReportCallback` and calls `fit()`.
+TorchTrainer (`vitbirds.ray_adapter.train.build_trainer`) with a `TuneReportCallback` and calls
+`fit()`.
 Ray Train reports each epoch to Tune, so ASHA sees `val_top1` per epoch; a trial it stops
 aborts its Train run (workers and their placement group) as it ends. One trial can use several
 workers or GPUs.
@@ -11,8 +12,8 @@ workers or GPUs.
   (A driver holding a CPU of its own would deadlock a 2-CPU machine: two drivers, no workers.)
 - Each trial trains under `<storage>/<sweep>/train/<sweep>-<trial id>`, a normal Ray Train run:
   an interrupted trial resumes from its latest epoch checkpoint, and the best trial is exported
-  by `vitbirds.ray_train.run_training` on that run (all epochs done, so it only evaluates and
-  exports, exactly as jobs/train.py does).
+  by `vitbirds.ray_adapter.train.run_training` on that run (all epochs done, so it only
+  evaluates and exports, exactly as jobs/train.py does).
 - An interrupted sweep resumes with `Tuner.restore`: finished trials keep their results, the
   rest continue. `sweep.json` beside the experiment guards against resuming with other settings.
 """
@@ -31,9 +32,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from vitbirds import ray_train
 from vitbirds.errors import ConfigError
-from vitbirds.sweep import (
+from vitbirds.ray_adapter import train as ray_train
+from vitbirds.training.sweep import (
     METRIC,
     Dimension,
     LogUniform,

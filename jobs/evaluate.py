@@ -1,7 +1,8 @@
 """Evaluate an exported model directory on a dataset split: metrics.json and report.html.
 
+examples:
     python jobs/evaluate.py --model runs/my-run/model --data-dir ../shared/data/cub100 --split valid
-    python jobs/evaluate.py --model models/latest --data-dir ../shared/data/kaggle-birds525-valid \
+    python jobs/evaluate.py --model models/latest --data-dir ../shared/data/kaggle-birds525-valid \\
         --split all --out runs/eval-kaggle
     python jobs/evaluate.py --model M --data-dir SYNTHETIC_DIR --split test --attention-check
 
@@ -10,6 +11,9 @@ Without --data-dir, the data the model was trained on (its metadata) is used. Th
 dataset that has none is carved out with the model's own training seed, so it is the same images
 that training held out. `--attention-check` also measures, on a synthetic dataset (which has bird
 masks), how much of the attention rollout falls on the bird against the bird's share of the image.
+The outputs are those of a training run's evaluation/ folder (`vitbirds.training.export`).
+Relative paths (--model, --out, --storage-path) are relative to the current directory, or to
+$VITBIRDS_HOME (default ~/vitbirds) when the job runs through `ray job submit --working-dir`.
 
 Exit status: 0 on success, 2 for a usage error (missing model, data or split, bad flag value).
 """
@@ -24,18 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset
 from vitbirds.data.synthetic import load_mask
-from vitbirds.devices import resolve_device
+from vitbirds.devices import DEVICE_CHOICES, resolve_device
 from vitbirds.errors import DataError, VitbirdsError
-from vitbirds.evaluation.evaluate import (
-    EvaluationConfig,
-    attention_check,
-    evaluate_model,
-    log_to_tracker,
-    write_report,
-)
+from vitbirds.evaluation.evaluate import EvaluationConfig, attention_check
 from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.paths import output_note, output_path
+from vitbirds.settings import RunSettings, add_arguments
+from vitbirds.training.export import evaluate_and_report
 from vitbirds.training.runner import data_label
-from vitbirds.training.tracking import TRACKERS, make_tracker
+from vitbirds.training.tracking import make_tracker, tracker_hint
 
 ATTENTION_FILE = "attention_check.json"
 
@@ -49,21 +50,32 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EvaluationConfig()
+    description, _, epilog = __doc__.partition("\n\n")
     parser = _Parser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--model", required=True, help="model directory (model.safetensors + metadata.json)")
-    add("--data-dir", help="dataset root (default: the one in the model's metadata)")
-    add("--split", choices=[*SPLITS, "all"], default="test")
-    add("--out", help="output folder (default: runs/evaluation/<model folder>-<split>)")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size)
-    add("--device", default="auto", help="auto, cpu, cuda or mps")
-    add("--overlays", type=int, default=defaults.overlays, help="attention overlays in the report")
-    add("--seed", type=int, help="valid-split seed (default: the model's training seed)")
-    add("--tracker", choices=TRACKERS, default="none")
-    add("--storage-path", default="runs", help="where a local MLflow store lives")
+    add("--model", required=True, metavar="PATH",
+        help="model directory (model.safetensors + metadata.json)")  # fmt: skip
+    add("--data-dir", metavar="PATH", help="dataset root (default: the model's, from its metadata)")
+    add("--split", choices=[*SPLITS, "all"], default="test",
+        help="split to evaluate; all: every image of the dataset (default: test)")  # fmt: skip
+    add("--out", metavar="PATH", help="output folder (default: runs/evaluation/MODEL-SPLIT)")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
+        help=f"images per forward pass (default: {defaults.batch_size})")  # fmt: skip
+    add("--device", choices=DEVICE_CHOICES, default="auto",
+        help="auto: cuda, then mps, then cpu (default: auto)")  # fmt: skip
+    add("--overlays", type=int, default=defaults.overlays, metavar="N",
+        help=f"attention overlays in the report (default: {defaults.overlays})")  # fmt: skip
+    add("--seed", type=int, metavar="N",
+        help="seed of a carved-out valid split (default: the model's training seed)")  # fmt: skip
+    # An evaluation is usually a look at a model, not an experiment: no tracker unless asked.
+    add_arguments(
+        parser, RunSettings, ["tracker", "storage_path"], defaults={"tracker": "none"},
+        notes={"storage_path": "here: where the local MLflow store is"},
+    )  # fmt: skip
     add(
         "--attention-check",
         action="store_true",
@@ -117,9 +129,13 @@ def load_split(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    note = output_note()
+    if note:
+        print(note, flush=True)
     try:
         device = resolve_device(args.device)
-        loaded = load_model(args.model, device=device)
+        model_dir = output_path(args.model)
+        loaded = load_model(model_dir, device=device)
         splits, samples, label = load_split(args, loaded)
         config = EvaluationConfig(batch_size=args.batch_size, overlays=args.overlays)
         check = None
@@ -129,29 +145,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"--attention-check needs a synthetic dataset; {splits.root} is not"
                 )
             check = attention_check(loaded, samples, load_mask, config=config, device=device)
-        result = evaluate_model(
-            loaded,
-            samples,
-            splits.classes,
-            config=config,
-            split=args.split,
-            data_label=label,
-            data_synthetic=splits.synthetic,
-            device=device,
-        )
-        out = Path(
-            args.out or Path("runs") / "evaluation" / f"{Path(args.model).name}-{args.split}"
-        )
-        paths = write_report(result, out)
-        if check is not None:
-            paths["attention_check"] = out / ATTENTION_FILE
-            paths["attention_check"].write_text(json.dumps(check.to_dict(), indent=1) + "\n")
+        out = Path(output_path(args.out or f"runs/evaluation/{Path(model_dir).name}-{args.split}"))
         tracker = make_tracker(
             args.tracker,
-            run_name=f"evaluate-{Path(args.model).name}-{args.split}",
-            storage_path=args.storage_path,
+            run_name=f"evaluate-{Path(model_dir).name}-{args.split}",
+            storage_path=output_path(args.storage_path),
         )
-        log_to_tracker(result, paths, tracker)
+        try:
+            result, paths = evaluate_and_report(
+                loaded, samples, splits.classes, out_dir=out, split=args.split, data_label=label,
+                data_synthetic=splits.synthetic, device=device, config=config, tracker=tracker,
+            )  # fmt: skip
+            if check is not None:
+                paths["attention_check"] = out / ATTENTION_FILE
+                paths["attention_check"].write_text(json.dumps(check.to_dict(), indent=1) + "\n")
+                tracker.log_artifact(paths["attention_check"], "evaluation")
+        except BaseException:
+            tracker.close("FAILED")
+            raise
         tracker.close()
     except VitbirdsError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -168,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention check: {json.dumps(check.to_dict())}")
     for name, path in paths.items():
         print(f"{name}: {path}")
+    hint = tracker_hint(tracker)
+    if hint:
+        print(hint)
     return 0
 
 

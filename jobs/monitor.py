@@ -1,5 +1,6 @@
 """Is the deployed model still good? Decay with labels, drift without: OK / WATCH / RETRAIN.
 
+examples:
     # Live traffic: Serve's prediction log, the decision on the latest hour(s)
     python jobs/monitor.py --model runs/cub/model --prediction-log runs/cub/predictions.jsonl \\
         --window 1h
@@ -14,7 +15,10 @@
 The model directory needs its reference profile (reference.safetensors + reference.json, written
 at the end of training); `--reference-data DIR` builds one from DIR's valid split for older models.
 Writes monitor.json and report.html under --out and logs the headline numbers to the tracker.
-Without --submit a RETRAIN verdict prints the command that would be submitted. Exit status: 0
+Without --submit a RETRAIN verdict prints the command that would be submitted. Relative paths
+(--model, --out, --storage-path) are relative to the current directory, or to $VITBIRDS_HOME
+(default ~/vitbirds) when the job runs through `ray job submit --working-dir`; so is the retraining
+job's --storage-path on the cluster. Exit status: 0
 whatever the verdict, 2 for a usage error (bad flag, missing file), 1 if the submission failed.
 """
 
@@ -58,8 +62,9 @@ from vitbirds.monitoring.reference import (
     save_reference_profile,
 )
 from vitbirds.monitoring.report import render_report
-from vitbirds.paths import repo_root
-from vitbirds.training.tracking import TRACKERS, make_tracker
+from vitbirds.paths import output_note, output_path, repo_root
+from vitbirds.settings import RunSettings, add_arguments
+from vitbirds.training.tracking import make_tracker, tracker_hint
 
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
 AUTO_WINDOWS = 8  # without --window the log's span is cut into this many windows for the report
@@ -71,46 +76,108 @@ WORKING_DIR_EXCLUDES = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    description, _, epilog = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="model directory (with its reference profile)")
+    add(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="model directory (with its reference profile)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--labeled-data", type=Path, help="a folder of new labelled photos")
-    source.add_argument("--prediction-log", type=Path, help="Serve's predictions.jsonl")
-    add("--out", type=Path, help="folder for monitor.json and report.html (None: MODEL/monitor)")
+    source.add_argument(
+        "--labeled-data",
+        type=Path,
+        metavar="PATH",
+        help="a folder of new labelled photos (any split layout)",
+    )
+    source.add_argument(
+        "--prediction-log", type=Path, metavar="PATH", help="Serve's predictions.jsonl"
+    )
+    add(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="folder for monitor.json and report.html (default: MODEL/monitor)",
+    )
     add(
         "--window",
         help="time windows of the log (30m, 6h, 1d); the verdict is on the latest ones "
-        "(None: on the whole log, cut into 8 windows for the report)",
+        f"(default: the whole log, cut into {AUTO_WINDOWS} windows for the report)",
     )
-    add("--max-images", type=int, default=2000, help="seeded sample of --labeled-data")
+    add(
+        "--max-images",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="seeded sample of --labeled-data (default: 2000)",
+    )
     add(
         "--reference-data",
         type=Path,
-        help="build a missing reference profile from this valid split",
+        metavar="PATH",
+        help="build a missing reference profile from this dataset's valid split",
     )
-    thresholds = parser.add_argument_group("decision (default: MonitorConfig's)")
-    thresholds.add_argument("--alpha", type=float, help="false-alarm rate of one assessment")
-    thresholds.add_argument("--retrain-drop", type=float, help="accuracy drop that retrains")
-    thresholds.add_argument("--min-samples", type=int, help="fewer predictions: no verdict")
+    _add_decision_arguments(parser.add_argument_group("decision"))
     track = parser.add_argument_group("tracking")
-    track.add_argument("--tracker", choices=TRACKERS, default="mlflow")
-    track.add_argument("--storage-path", default="runs", help="where the local MLflow store is")
+    add_arguments(
+        track,
+        RunSettings,
+        ["tracker", "storage_path"],
+        notes={"storage_path": "here: where the local MLflow store is"},
+    )
     retrain = parser.add_argument_group("retraining")
     retrain.add_argument("--submit", action="store_true", help="on RETRAIN, submit the Ray job")
     retrain.add_argument(
-        "--ray-address", default=default_ray_address(),
-        help="the cluster's dashboard (job API) address, as `ray job submit --address` takes",
-    )  # fmt: skip
-    retrain.add_argument("--train-args", default="", help="extra jobs/train.py flags, quoted")
-    retrain.add_argument(
-        "--retrain-storage", default=str(repo_root() / "runs"), help="--storage-path of the job"
+        "--ray-address",
+        default=default_ray_address(),
+        help="the cluster's dashboard (job API) address, as `ray job submit --address` takes "
+        "(default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, else %(default)s)",
     )
-    retrain.add_argument("--python", default="python", help="interpreter on the cluster")
+    retrain.add_argument(
+        "--train-args",
+        default="",
+        metavar="'FLAGS'",
+        help="extra jobs/train.py flags, quoted; they win over the model's",
+    )
+    retrain.add_argument(
+        "--retrain-storage",
+        default=RunSettings.storage_path,
+        metavar="PATH",
+        help="--storage-path of the retraining job; a relative one is under $VITBIRDS_HOME on "
+        f"the cluster (default: {RunSettings.storage_path})",
+    )
+    retrain.add_argument(
+        "--python", default="python", help="interpreter on the cluster (default: python)"
+    )
     return parser.parse_args(argv)
+
+
+def _add_decision_arguments(group: argparse._ArgumentGroup) -> None:
+    defaults = MonitorConfig()
+    group.add_argument(
+        "--alpha",
+        type=float,
+        metavar="P",
+        help=f"false-alarm rate of one assessment (default: {defaults.alpha})",
+    )
+    group.add_argument(
+        "--retrain-drop",
+        type=float,
+        metavar="X",
+        help="estimated accuracy drop that means RETRAIN "
+        f"(default: {defaults.retrain_accuracy_drop})",
+    )
+    group.add_argument(
+        "--min-samples",
+        type=int,
+        metavar="N",
+        help=f"fewer predictions: no verdict (default: {defaults.min_samples})",
+    )
 
 
 def default_ray_address() -> str:
@@ -302,6 +369,9 @@ def log_to_tracker(args: argparse.Namespace, result: dict[str, Any], paths: list
         tracker.close("FAILED")
         raise
     tracker.close()
+    hint = tracker_hint(tracker)
+    if hint:
+        print(hint, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,9 +435,21 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def resolve_paths(args: argparse.Namespace) -> None:
+    """The model and the outputs where every job puts them (`vitbirds.paths.output_path`)."""
+    args.model = Path(output_path(args.model))
+    if args.out is not None:
+        args.out = Path(output_path(args.out))
+    args.storage_path = output_path(args.storage_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    note = output_note()
+    if note:
+        print(note, flush=True)
+    resolve_paths(args)
     try:
         return run(args)
     except VitbirdsError as error:

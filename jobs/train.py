@@ -1,17 +1,21 @@
 """Train the bird ViT with Ray Train: on this machine, or on any Ray cluster unchanged.
 
-    python jobs/train.py                                # vit-cpu on the synthetic birds, local Ray
-    python jobs/train.py --data-dir ../shared/data/cub100 --num-workers 2 --run-name cub
-    python jobs/train.py --preset vit-s16 --use-gpu --num-workers 4 --storage-path gs://b/runs
-    python jobs/train.py --device mps                   # Apple silicon, one worker
+examples:
+  python jobs/train.py                               # the default preset on synthetic birds
+  python jobs/train.py --data-dir ../shared/data/cub100 --num-workers 2 --run-name cub
+  python jobs/train.py --preset vit-s16 --use-gpu --num-workers 4 --storage-path gs://b/runs
+  python jobs/train.py --device mps                  # Apple silicon, one worker
 
-    # On a cluster started with `ray start --head` (token auth on, as Ray 2.60 does by default):
-    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/train.py --num-workers 2
+  # On a cluster started with `ray start --head` (token auth on, as Ray 2.60 does by default):
+  RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\
+      python jobs/train.py --num-workers 2 --export-dir models/latest
 
 Rerunning with the same --run-name and --storage-path resumes from the latest checkpoint. Flags
-override the preset's values; every other value comes from `vitbirds.presets`. Exit status: 0 on
-success, 2 for a usage error (bad flag value, missing device or data), 1 if training failed.
+override the preset's values; every other value comes from `vitbirds.presets`. Relative output
+paths are relative to the current directory, or to $VITBIRDS_HOME (default ~/vitbirds) on the head
+node when the job runs through `ray job submit --working-dir` (whose current directory is Ray's
+temporary copy of the code). Exit status: 0 on success, 2 for a usage error (bad flag value,
+missing device or data), 1 if training failed.
 """
 
 import argparse
@@ -24,69 +28,70 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.presets import PRESETS, Recipe, get_recipe
-from vitbirds.training.tracking import TRACKERS
+from vitbirds.paths import output_note, output_path
+from vitbirds.presets import Recipe, get_recipe
+from vitbirds.settings import (
+    RecipeSettings,
+    TrainSettings,
+    add_arguments,
+    preset_default,
+    presets_table,
+)
+
+# Flags that write over the preset: (flag, recipe section, field, help).
+RECIPE_FLAGS = (
+    ("--epochs", "train", "epochs", int, "epochs to train"),
+    ("--batch-size", "train", "batch_size", int, "global batch, split across the workers"),
+    ("--lr", "train", "lr", float, "peak learning rate (warmup, then cosine decay)"),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
+    ("--depth", "model", "depth", int, "transformer blocks"),
+    ("--dim", "model", "dim", int, "embedding width"),
+    ("--heads", "model", "heads", int, "attention heads (must divide --dim)"),
+    ("--patch-size", "model", "patch_size", int, "patch side (must divide the image size)"),
+    ("--seed", "train", "seed", int, "seed of the data split, the init and the augmentation"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """jobs/train.py's flags: defaults and help from `vitbirds.settings` and the presets."""
+    description, _, epilog = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=f"{epilog}\npresets:\n{presets_table()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, RecipeSettings, ["preset"])
+    data = parser.add_argument_group("data")
+    add_arguments(data, RecipeSettings, ["data_dir", "num_classes", "images_per_class"])
+    add_arguments(data, TrainSettings, ["cache_dir"])
+    train = parser.add_argument_group("training (flags write over the preset's values)")
+    for flag, section, name, kind, text in RECIPE_FLAGS:
+        train.add_argument(
+            flag, type=kind, metavar="N" if kind is int else "X",
+            help=f"{text} (default: {preset_default(section, name)})",
+        )  # fmt: skip
+    add_arguments(train, TrainSettings, ["init_from", "teacher"])
+    ray_group = parser.add_argument_group("Ray")
+    add_arguments(ray_group, TrainSettings, ["num_workers", "device"])
+    ray_group.add_argument("--use-gpu", action="store_true", help="same as --device cuda")
+    add_arguments(
+        ray_group, TrainSettings, ["cpus_per_worker"], defaults={"cpus_per_worker": None},
+        notes={"cpus_per_worker": "default: this machine's CPUs split between the workers, or "
+               f"{TrainSettings.cpus_per_worker} on a remote cluster"},
+    )  # fmt: skip
+    add_arguments(ray_group, TrainSettings, ["max_failures", "keep_checkpoints"])
+    out = parser.add_argument_group("outputs")
+    add_arguments(out, TrainSettings, ["storage_path", "tracker", "export_dir", "evaluate"])
+    out.add_argument(
+        "--run-name",
+        help="the same name and --storage-path resume a run (default: PRESET-DATE-TIME, a new run)",
+    )
+    out.add_argument("--summary", help="also write a JSON summary of the run to this path")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset",
-        default="vit-cpu-small-data",
-        choices=list(PRESETS),
-        help="model + training recipe",
-    )
-    data = parser.add_argument_group("data (default: the generated synthetic birds)")
-    data.add_argument("--data-dir", help="Kaggle bird-species layout or any ImageFolder tree")
-    data.add_argument("--num-classes", type=int, help="seeded subset of the classes")
-    data.add_argument("--images-per-class", type=int, help="seeded subset per class and split")
-    data.add_argument(
-        "--cache-dir", help="where generated data is kept (default ~/.cache/vitbirds)"
-    )
-    train = parser.add_argument_group("training (default: the preset's)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="global batch, split across the workers")
-    train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--depth", type=int, help="transformer blocks")
-    train.add_argument("--dim", type=int, help="embedding width")
-    train.add_argument("--heads", type=int, help="attention heads (must divide --dim)")
-    train.add_argument("--patch-size", type=int, help="must divide the preset's image size")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--init-from", help="timm ViT weights (.safetensors) to start from")
-    train.add_argument(
-        "--teacher",
-        help="model directory to distil from, trained on the same classes (presets with a "
-        "distillation token need one; e.g. a ResNet-18 from jobs/bench_accuracy.py --only resnet)",
-    )
-    ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--num-workers", type=int, default=1)
-    ray_group.add_argument("--use-gpu", action="store_true", help="one CUDA GPU per worker")
-    ray_group.add_argument(
-        "--device", choices=["cpu", "cuda", "mps"], default="cpu",
-        help="cuda equals --use-gpu; mps trains on the Apple GPU with one worker",
-    )  # fmt: skip
-    ray_group.add_argument(
-        "--cpus-per-worker", type=int,
-        help="CPUs (and torch threads) per worker; default: this machine's CPUs split between "
-        "the workers, or 1 on a remote cluster",
-    )  # fmt: skip
-    ray_group.add_argument("--max-failures", type=int, default=0, help="worker-group restarts")
-    ray_group.add_argument("--keep-checkpoints", type=int, default=2, help="best k by val top-1")
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--storage-path", default="runs", help="local folder or gs:// URI")
-    out.add_argument("--run-name", help="same name + storage path resumes; default: new run")
-    out.add_argument("--tracker", choices=TRACKERS, default="mlflow")
-    out.add_argument("--export-dir", help="also copy the exported model here (models/latest)")
-    out.add_argument("--summary", help="write a JSON summary of the run to this path")
-    out.add_argument(
-        "--evaluate", action=argparse.BooleanOptionalAction, default=True,
-        help="evaluate the best checkpoint on the test split (valid when there is none)",
-    )  # fmt: skip
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
@@ -114,8 +119,9 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def absolute(path: str | None) -> str | None:
-    """A local path made absolute here, on the driver, as jobs/tune.py does: Ray Train workers
-    run in another working directory, where a relative path would name nothing. URIs pass."""
+    """An input path made absolute here, on the driver, as jobs/tune.py does: Ray Train workers
+    run in another working directory, where a relative path would name nothing. URIs pass.
+    (Outputs, and the model directories earlier jobs wrote, go through `output_path`.)"""
     if path is None or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
@@ -142,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         local = ray_train.cluster_is_local()
         # Before starting Ray: a missing GPU is a usage error, not a hung placement group.
         ray_train.check_device(recipe.train.device, local=local)
+        note = output_note()
+        if note:
+            print(note, flush=True)
         ray_train.connect()
         job = ray_train.TrainJob(
             recipe=recipe,
             run_name=args.run_name or f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
-            storage_path=args.storage_path,
+            storage_path=output_path(args.storage_path),
             num_workers=args.num_workers,
             device=recipe.train.device,
             cpus_per_worker=args.cpus_per_worker
@@ -154,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             max_failures=args.max_failures,
             keep_checkpoints=args.keep_checkpoints,
             init_from=args.init_from,
-            teacher=absolute(args.teacher),
+            teacher=output_path(args.teacher),
             tracker=args.tracker,
             evaluate=args.evaluate,
-            export_dir=args.export_dir,
-            cache_dir=absolute(args.cache_dir),
+            export_dir=output_path(args.export_dir),
+            cache_dir=output_path(args.cache_dir),
         )
         print(
             f"run {job.run_name}: {args.preset}, {job.num_workers} worker(s) on {job.device}, "
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(ray_train.describe_outcome(outcome), flush=True)
     if args.summary:
-        print(f"summary: {ray_train.write_summary(outcome, args.summary)}", flush=True)
+        summary = ray_train.write_summary(outcome, output_path(args.summary))
+        print(f"summary: {summary}", flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Sweep the bird ViT's hyperparameters with Ray Tune; every trial is a jobs/train.py run.
 
+examples:
     python jobs/tune.py                          # depth {4,6,8,12} x lr 3e-4..3e-3, synthetic data
     python jobs/tune.py --data-dir ../shared/data/cub100 --epochs 10 --num-samples 8 --name cub
     python jobs/tune.py --search grid --depth 4 8 --lr-choices 3e-4 1e-3
@@ -11,7 +12,9 @@ ASHA stops weak trials after each rung (`--grace-period` epochs, then x`--reduct
 Outputs in --out (default <storage>/<name>/results): results.csv and results.md sorted by valid
 top-1, sweep.png, best_model/ (servable, as jobs/train.py exports it), reproduce.txt (the
 jobs/train.py command of the best trial) and summary.json. Rerunning the same command (same
---name) resumes an interrupted sweep. Exit status: 0 on success, 2 for a usage error, 1 if no
+--name) resumes an interrupted sweep. Relative output paths are relative to the current directory,
+or to $VITBIRDS_HOME (default ~/vitbirds) when the sweep runs through `ray job submit
+--working-dir`. Exit status: 0 on success, 2 for a usage error, 1 if no
 trial finished an epoch or the export failed.
 
 A sweep.yaml holds the same settings by their long names, and a `space` mapping:
@@ -28,7 +31,6 @@ A sweep.yaml holds the same settings by their long names, and a `space` mapping:
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -36,16 +38,18 @@ import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs import train as train_job
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.presets import PRESETS, Recipe
+from vitbirds.paths import output_note, output_path
+from vitbirds.presets import Recipe
+from vitbirds.settings import DEFAULT_PRESET, add_arguments, presets_table
 from vitbirds.training.sweep import (
+    DEFAULT_SPACE,
     PARAMS,
-    SEARCHES,
     Choice,
     SweepConfig,
     TrialRow,
@@ -63,76 +67,75 @@ from vitbirds.training.sweep import (
     train_argv,
     write_table,
 )
-from vitbirds.training.tracking import TRACKERS, make_tracker
+from vitbirds.training.tracking import make_tracker, tracker_hint
 
 if TYPE_CHECKING:
     from vitbirds.ray_adapter.train import TrainOutcome
 
+SEARCH_SETTINGS = ["search", "num_samples", "grace_period", "reduction_factor", "max_concurrent"]
 # Flags that are sweep settings (SweepConfig fields); the space flags are built from PARAMS.
 SETTINGS = (
     "name", "preset", "data_dir", "num_classes", "images_per_class", "cache_dir", "epochs",
-    "batch_size", "seed", "search", "num_samples", "grace_period", "reduction_factor",
-    "num_workers", "cpus_per_worker", "device", "max_concurrent", "storage_path", "tracker",
+    "batch_size", "seed", *SEARCH_SETTINGS, "num_workers", "cpus_per_worker", "device",
+    "storage_path", "tracker",
 )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    description, _, epilog = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        epilog=f"{epilog}\npresets:\n{presets_table()}",
     )
     add = parser.add_argument
-    add("--config", help="sweep.yaml; flags override its values")
-    add("--name", help="experiment name; the same name resumes (default: tune-PRESET-TIME)")
-    add("--preset", choices=list(PRESETS), help="base recipe (default vit-cpu)")
-    data = parser.add_argument_group("data (default: the generated synthetic birds)")
-    data.add_argument("--data-dir")
-    data.add_argument("--num-classes", type=int)
-    data.add_argument("--images-per-class", type=int)
-    data.add_argument("--cache-dir", help="where generated data is kept (~/.cache/vitbirds)")
-    train = parser.add_argument_group("every trial (default: the preset's)")
-    train.add_argument("--epochs", type=int, help="full schedule; ASHA's max_t")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--seed", type=int, help="training seed; also seeds the searcher")
+    add("--config", metavar="YAML", help="sweep.yaml (see below); flags override its values")
+    add("--name", help="experiment name; the same name resumes (default: tune-PRESET-DATE-TIME)")
+    # Every setting defaults to None here so that sweep.yaml can fill it; the help shows the
+    # SweepConfig default that applies when neither gives it.
+    add_arguments(parser, SweepConfig, ["preset"], unset=True)
+    data = parser.add_argument_group("data")
+    add_arguments(data, SweepConfig, ["data_dir", "num_classes", "images_per_class", "cache_dir"],
+                  unset=True)  # fmt: skip
+    trials = parser.add_argument_group("every trial")
+    add_arguments(trials, SweepConfig, ["epochs", "batch_size", "seed"], unset=True)
+    _add_space_arguments(parser)
+    search = parser.add_argument_group("search")
+    add_arguments(search, SweepConfig, SEARCH_SETTINGS, unset=True)
+    ray_group = parser.add_argument_group("Ray (per trial)")
+    add_arguments(ray_group, SweepConfig, ["num_workers", "cpus_per_worker", "device"], unset=True)
+    ray_group.add_argument("--use-gpu", action="store_true", help="same as --device cuda")
+    out = parser.add_argument_group("outputs")
+    add_arguments(out, SweepConfig, ["storage_path", "tracker"], unset=True,
+                  notes={"tracker": "one parent run, a child run per trial"})  # fmt: skip
+    out.add_argument(
+        "--out", metavar="PATH",
+        help="results table, plot, best model (default: STORAGE_PATH/NAME/results)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def _add_space_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ", ".join(f"{name} {dim.describe()}" for name, dim in DEFAULT_SPACE.items())
     space = parser.add_argument_group(
-        "search space (default: depth 4 6 8 12, lr 3e-4 3e-3); one value fixes a parameter"
+        f"search space (default: {defaults}); one value fixes a parameter"
     )
     for name, param in PARAMS.items():
-        flag = param.flag
+        what = f"{param.section} {param.field}"
         if param.type is int:
-            space.add_argument(flag, type=int, nargs="+", metavar="N", dest=f"space_{name}")
-        else:
             space.add_argument(
-                flag, type=float, nargs="+", metavar=("LOW", "HIGH"), dest=f"space_{name}",
-                help="log-uniform range (one value: fixed)",
+                param.flag, type=int, nargs="+", metavar="N", dest=f"space_{name}",
+                help=f"{what}: the values to try",
             )  # fmt: skip
-            space.add_argument(
-                f"{flag}-choices", type=float, nargs="+", metavar="X",
-                dest=f"space_{name}_choices", help="a list instead of a range",
-            )  # fmt: skip
-    search = parser.add_argument_group("search")
-    search.add_argument("--search", choices=SEARCHES, help="default random")
-    search.add_argument(
-        "--num-samples",
-        type=int,
-        help="trials (random/optuna, default 8); grid: repeats (1)",
-    )
-    search.add_argument("--grace-period", type=int, help="ASHA: epochs before a stop (2)")
-    search.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/this per rung (2)")
-    ray_group = parser.add_argument_group("Ray (per trial)")
-    ray_group.add_argument("--num-workers", type=int, help="Train workers per trial (1)")
-    ray_group.add_argument("--cpus-per-worker", type=int, help="(1)")
-    ray_group.add_argument("--device", choices=["cpu", "cuda", "mps"], help="(cpu)")
-    ray_group.add_argument("--use-gpu", action="store_true", help="same as --device cuda")
-    ray_group.add_argument(
-        "--max-concurrent", type=int, help="default: as many trials as the cluster's resources fit"
-    )
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--storage-path", help="Tune experiments and trial runs (default runs)")
-    out.add_argument("--out", help="table, plot, best model (default <storage>/<name>/results)")
-    out.add_argument("--tracker", choices=TRACKERS, help="one parent run, a child per trial")
-    return parser.parse_args(argv)
+            continue
+        space.add_argument(
+            param.flag, type=float, nargs="+", metavar=("LOW", "HIGH"), dest=f"space_{name}",
+            help=f"{what}: a log-uniform range (one value: fixed)",
+        )  # fmt: skip
+        space.add_argument(
+            f"{param.flag}-choices", type=float, nargs="+", metavar="X",
+            dest=f"space_{name}_choices", help=f"{what}: a list of values instead of a range",
+        )  # fmt: skip
 
 
 def build_sweep(args: argparse.Namespace) -> SweepConfig:
@@ -160,11 +163,14 @@ def build_sweep(args: argparse.Namespace) -> SweepConfig:
             space[name] = given
     values["space"] = space
     values.setdefault(
-        "name", f"tune-{values.get('preset', 'vit-cpu')}-{datetime.now():%Y%m%d-%H%M%S}"
+        "name", f"tune-{values.get('preset', DEFAULT_PRESET)}-{datetime.now():%Y%m%d-%H%M%S}"
     )
-    for key in ("data_dir", "cache_dir"):  # trials run in other folders than this process
-        if values.get(key):
-            values[key] = str(Path(values[key]).expanduser().resolve())
+    # Trials run in other folders than this process: inputs absolute from here, outputs where
+    # the user looks (vitbirds.paths.output_path).
+    if values.get("data_dir"):
+        values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
+    if values.get("cache_dir"):
+        values["cache_dir"] = output_path(values["cache_dir"])
     return SweepConfig.from_dict(values)
 
 
@@ -182,32 +188,25 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def train_cli() -> ModuleType:
-    """jobs/train.py as a module: its parser and build_recipe define what a trial trains."""
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).with_name("train.py"))
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def recipe_of(train: ModuleType, argv: list[str]) -> Recipe:
-    """The recipe `python jobs/train.py ARGV` trains; ConfigError if it refuses the arguments."""
+def recipe_of(argv: list[str]) -> Recipe:
+    """The recipe `python jobs/train.py ARGV` trains (its own parser and build_recipe define what
+    a trial trains); ConfigError if it refuses the arguments."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            args = train.parse_args(argv)
+            args = train_job.parse_args(argv)
         except SystemExit:
             reason = stderr.getvalue().strip().splitlines()[-1:] or ["?"]
             raise ConfigError(
                 f"jobs/train.py cannot reproduce this sweep ({reason[0]}): sweep only "
                 "parameters it has flags for"
             ) from None
-    return train.build_recipe(args)
+    return train_job.build_recipe(args)
 
 
-def check_reproducible(train: ModuleType, sweep: SweepConfig, base: Recipe, params: dict) -> None:
+def check_reproducible(sweep: SweepConfig, base: Recipe, params: dict) -> None:
     """The jobs/train.py command for `params` must train exactly the trial's recipe."""
-    if recipe_of(train, train_argv(sweep, params)) != apply_params(base, params):
+    if recipe_of(train_argv(sweep, params)) != apply_params(base, params):
         raise ConfigError(f"jobs/train.py {shlex.join(train_argv(sweep, params))} trains "
                           "another recipe than the sweep's trial")  # fmt: skip
 
@@ -228,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         from vitbirds.training.runner import data_label, fit_recipe_to_data, prepare_dataset
 
         sweep = build_sweep(args)
-        train = train_cli()
-        base = recipe_of(train, train_argv(sweep))
-        check_reproducible(train, sweep, base, sample_point(sweep))
+        base = recipe_of(train_argv(sweep))
+        check_reproducible(sweep, base, sample_point(sweep))
         check_space(base, sweep.space)
         ray_train.check_device(sweep.device, local=ray_train.cluster_is_local())
+        note = output_note()
+        if note:
+            print(note, flush=True)
         ray_train.connect()
         splits = prepare_dataset(base.data, sweep.cache_dir)
         fitted = fit_recipe_to_data(base, splits)
@@ -271,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         if best is None:
             print("error: no trial finished an epoch; see the trials' error.txt", file=sys.stderr)
             return 1
-        out = Path(args.out or ray_tune.experiment_path(sweep) / "results")
+        out = Path(output_path(args.out) or ray_tune.experiment_path(sweep) / "results")
         outcome = ray_tune.export_best(sweep, base_job, best, out / "best_model")
         command = reproduce_command(sweep, best.params, run_name=f"{sweep.name}-best")
-        check_reproducible(train, sweep, base, best.params)
+        check_reproducible(sweep, base, best.params)
     except VitbirdsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -315,7 +316,9 @@ def report(
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     try:
-        tracker = make_tracker(sweep.tracker, run_name=sweep.name, storage_path=sweep.storage_path)
+        tracker = make_tracker(
+            sweep.tracker, run_name=sweep.name, storage_path=output_path(sweep.storage_path)
+        )
     except VitbirdsError as error:
         print(f"error: {error} (the results are in {out})", file=sys.stderr)
         return 2
@@ -324,6 +327,9 @@ def report(
         artifacts=[*paths, plot, summary_path, out / "best_model"],
     )  # fmt: skip
     tracker.close()
+    hint = tracker_hint(tracker)
+    if hint:
+        print(hint, flush=True)
 
     print(markdown_table(table_records(rows, swept)), flush=True)
     for row in rows:

@@ -3,7 +3,6 @@ trained model's attention lands on the bird."""
 
 import base64
 import copy
-import importlib.util
 import io
 import json
 from html.parser import HTMLParser
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from jobs import evaluate as evaluate_job
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
 from vitbirds.data import (
     ImageDataset,
@@ -39,17 +39,6 @@ from vitbirds.model.vit import build_model
 from vitbirds.presets import Recipe
 from vitbirds.training.loop import TrainingRun, seed_everything
 from vitbirds.training.runner import build_metadata, data_label
-
-
-def _load_cli():
-    path = Path(__file__).resolve().parent.parent / "jobs" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_job = _load_cli()
 
 TINY = ModelConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, drop_path=0.0)
 HISTORY = [

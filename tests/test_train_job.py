@@ -1,7 +1,6 @@
 """`jobs/train.py` on the shared local Ray: trains, reports, checkpoints, exports, survives a
 worker failure and resumes a rerun. Tiny preset and synthetic data: each run takes seconds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from jobs import train as train_cli
 from vitbirds.errors import ConfigError
 from vitbirds.model.files import load_model, read_metadata
 from vitbirds.monitoring.reference import load_reference_profile
@@ -16,15 +16,6 @@ from vitbirds.presets import get_recipe
 from vitbirds.ray_adapter.train import TrainJob, run_training
 from vitbirds.training.runner import build_run_model
 from vitbirds.training.tracking import default_mlflow_uri
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def cli_run(ray_session, tmp_path_factory, cache_dir) -> dict:
         "--storage-path", str(out / "runs"), "--run-name", "two-workers",
         "--summary", str(out / "summary.json"), "--export-dir", str(out / "models" / "latest"),
     ]  # fmt: skip
-    code = _train_cli().main(argv)
+    code = train_cli.main(argv)
     return {"code": code, "out": out, "summary": json.loads((out / "summary.json").read_text())}
 
 
@@ -159,7 +150,7 @@ def test_a_rerun_with_the_same_name_resumes_without_redoing_epochs(failed_once, 
 def test_mps_on_a_machine_without_it_is_a_one_line_usage_error(capsys) -> None:
     if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    assert _train_cli().main(["--device", "mps"]) == 2
+    assert train_cli.main(["--device", "mps"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: device 'mps' was requested but") and "Traceback" not in err
 
@@ -168,25 +159,24 @@ def test_a_gpu_run_on_this_machine_without_cuda_is_a_usage_error(capsys, monkeyp
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert _train_cli().main(["--use-gpu"]) == 2
+    assert train_cli.main(["--use-gpu"]) == 2
     assert "error: device 'cuda' was requested" in capsys.readouterr().err
 
 
 def test_flags_override_the_preset_and_nothing_else() -> None:
-    cli = _train_cli()
-    args = cli.parse_args(
+    args = train_cli.parse_args(
         ["--preset", "vit-test", "--epochs", "7", "--lr", "0.01", "--depth", "3", "--dim", "64",
          "--heads", "4", "--patch-size", "4", "--weight-decay", "0.1", "--batch-size", "16",
          "--num-classes", "4", "--data-dir", "/data", "--use-gpu"]
     )  # fmt: skip
-    recipe, preset = cli.build_recipe(args), get_recipe("vit-test")
+    recipe, preset = train_cli.build_recipe(args), get_recipe("vit-test")
     assert (recipe.train.epochs, recipe.train.lr, recipe.train.batch_size) == (7, 0.01, 16)
     assert (recipe.model.depth, recipe.model.dim, recipe.model.heads) == (3, 64, 4)
     assert (recipe.model.patch_size, recipe.train.weight_decay) == (4, 0.1)
     assert (recipe.data.num_classes, recipe.data.data_dir) == (4, "/data")
     assert recipe.train.device == "cuda"
     assert recipe.model.mlp_ratio == preset.model.mlp_ratio
-    relative = cli.build_recipe(cli.parse_args(["--data-dir", "data/birds"]))
+    relative = train_cli.build_recipe(train_cli.parse_args(["--data-dir", "data/birds"]))
     assert relative.preset == "vit-cpu-small-data"  # the default: the best small-data recipe
     assert relative.data.data_dir == str(Path.cwd() / "data" / "birds")  # workers run elsewhere
     assert recipe.train.seed == preset.train.seed
@@ -227,6 +217,6 @@ def test_a_teacher_of_other_classes_is_refused_before_training(cli_run, tmp_path
 
 
 def test_a_distilling_preset_without_a_teacher_is_a_usage_error(capsys) -> None:
-    assert _train_cli().main(["--preset", "vit-cpu-distilled"]) == 2
+    assert train_cli.main(["--preset", "vit-cpu-distilled"]) == 2
     err = capsys.readouterr().err
     assert "distils from a teacher: pass --teacher" in err and "Traceback" not in err

@@ -5,7 +5,6 @@ The vit-test preset on the generated synthetic birds: a trial is a few seconds o
 the start of its Ray Train run."""
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -17,19 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs import tune as tune_cli
 from vitbirds.model.files import load_model
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tune_cli():
-    spec = importlib.util.spec_from_file_location("tune_cli", ROOT / "jobs" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -76,7 +69,7 @@ def grid_sweep(ray_session, tmp_path_factory, cache_dir) -> dict:
         "--images-per-class", "200", "--cache-dir", str(cache_dir),
         "--storage-path", str(out / "runs"), "--out", str(out / "results"), "--tracker", "mlflow",
     ]  # fmt: skip
-    code = _tune_cli().main(argv)
+    code = tune_cli.main(argv)
     results = out / "results"
     return {
         "code": code,
@@ -152,7 +145,7 @@ def test_sweep_is_one_mlflow_parent_run_with_a_child_per_trial(grid_sweep) -> No
 def test_rerun_with_other_settings_is_refused_not_mixed(grid_sweep, capsys) -> None:
     argv = [*grid_sweep["argv"]]
     argv[argv.index("--epochs") + 1] = "5"
-    assert _tune_cli().main(argv) == 2
+    assert tune_cli.main(argv) == 2
     assert "was started with other settings" in capsys.readouterr().err
 
 
@@ -197,7 +190,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     finished_before = {trial: before[trial] for trial in finished}
     interrupted = {t: r for t, r in before.items() if t not in finished and r}
 
-    assert _tune_cli().main(argv) == 0
+    assert tune_cli.main(argv) == 0
 
     after = _trial_results(experiment)
     assert len(after) == 2

@@ -2,12 +2,11 @@
 concurrency rule, the results table, the plot and the tracker record. No Ray cluster needed."""
 
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
+from jobs import tune as tune_cli
 from vitbirds.errors import ConfigError
 from vitbirds.presets import get_recipe
 from vitbirds.training.sweep import (
@@ -25,18 +24,6 @@ from vitbirds.training.sweep import (
     trial_row,
     write_table,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tune_cli = _load("tune")
 
 
 def _sweep(*argv: str) -> SweepConfig:
@@ -124,10 +111,9 @@ def test_impossible_model_in_the_space_is_refused_before_any_trial() -> None:
 
 def test_reproduce_command_trains_exactly_the_trial_recipe() -> None:
     sweep = _sweep("--preset", "vit-test", "--epochs", "4", "--lr", "1e-4", "3e-3")
-    train = tune_cli.train_cli()
-    base = tune_cli.recipe_of(train, tune_cli.train_argv(sweep))
+    base = tune_cli.recipe_of(tune_cli.train_argv(sweep))
     params = {"depth": 3, "lr": 0.0012345678901234567}
-    tune_cli.check_reproducible(train, sweep, base, params)
+    tune_cli.check_reproducible(sweep, base, params)
     command = tune_cli.reproduce_command(sweep, params, run_name="best")
     assert command.startswith("python jobs/train.py --preset vit-test")
     assert "--depth 3" in command and "--lr 0.0012345678901234567" in command
@@ -136,7 +122,7 @@ def test_reproduce_command_trains_exactly_the_trial_recipe() -> None:
 
 def test_a_flag_jobs_train_does_not_have_cannot_be_reproduced() -> None:
     with pytest.raises(ConfigError, match=r"jobs/train\.py cannot reproduce"):
-        tune_cli.recipe_of(tune_cli.train_cli(), ["--no-such-flag", "1"])
+        tune_cli.recipe_of(["--no-such-flag", "1"])
 
 
 def test_concurrency_is_set_by_the_scarcest_resource() -> None:

@@ -7,6 +7,7 @@ flags onto these fields and never repeat a default.
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Self
 
+from vitbirds.devices import DEVICE_CHOICES
 from vitbirds.errors import ConfigError
 
 
@@ -153,5 +154,7 @@ class TrainConfig(_DictMixin):
             raise ConfigError(
                 f"distill_temperature must be positive, got {self.distill_temperature}"
             )
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ConfigError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ConfigError(
+                f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}"
+            )

@@ -4,6 +4,10 @@ import torch
 
 from vitbirds.errors import DeviceUnavailableError
 
+# The devices a run can train on; evaluation also takes "auto" (cuda, then mps, then cpu).
+DEVICES = ("cpu", "cuda", "mps")
+DEVICE_CHOICES = ("auto", *DEVICES)
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error,
@@ -34,4 +38,6 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"device 'mps' was requested but {reason}; use --device cpu"
             )
         return torch.device("mps")
-    raise DeviceUnavailableError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    raise DeviceUnavailableError(
+        f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}"
+    )

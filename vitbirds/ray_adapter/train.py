@@ -15,15 +15,15 @@ the plain single-process loop train the same way.
   checkpoint; a rerun with the same run name and storage path resumes the same way.
 - The driver prints one line per epoch and feeds the tracker: a controller callback forwards
   rank 0's report to a small actor the driver drains, so only one process ever logs.
-- At the end the driver evaluates the best checkpoint on the test split (valid when there is
-  none) with `vitbirds.evaluation.evaluate` and exports the servable model directory.
+- At the end the driver loads the best checkpoint and hands it to
+  `vitbirds.training.export.export_model`, which decides what the servable model directory
+  contains (evaluation, report, reference profile, metadata) and publishes it; Ray has no say.
 """
 
 import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 import threading
 import time
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -45,8 +45,10 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.model.files import load_model, read_metadata, save_model
+from vitbirds.model.files import load_model, read_metadata
+from vitbirds.paths import is_uri
 from vitbirds.presets import Recipe
+from vitbirds.settings import TrainSettings
 from vitbirds.training.loop import (
     TrainingRun,
     fit,
@@ -63,13 +65,15 @@ from vitbirds.training.runner import (
     load_teacher,
     prepare_dataset,
 )
-from vitbirds.training.tracking import Tracker, make_tracker
+from vitbirds.training.tracking import Tracker, make_tracker, tracker_hint
+
+if TYPE_CHECKING:
+    from vitbirds.training.export import ExportedModel
 
 logger = logging.getLogger(__name__)
 
 SCORE_METRIC = "val_top1"
 TrainingFailedError = ray.train.TrainingFailedError
-DEVICES = ("cpu", "cuda", "mps")
 
 
 class InjectedFailure(RuntimeError):
@@ -77,45 +81,15 @@ class InjectedFailure(RuntimeError):
 
 
 @dataclass
-class TrainJob:
-    """One training run on Ray: the recipe plus where and how it runs."""
+class TrainJob(TrainSettings):
+    """One training run on Ray: the recipe plus where and how it runs (workers, device, storage,
+    tracker, checkpoints, export: `TrainSettings`, shared with sweeps and the CLIs)."""
 
     recipe: Recipe
     run_name: str
-    storage_path: str = "runs"  # local folder or a URI Ray Train understands (gs://, s3://)
-    num_workers: int = 1
-    device: str = "cpu"  # cpu | cuda (one GPU per worker) | mps (Apple, single worker)
-    cpus_per_worker: int = 1  # also the worker's torch thread count
-    max_failures: int = 0
-    keep_checkpoints: int = 2  # best k by val_top1; the latest is kept as well
-    init_from: str | None = None  # timm ViT .safetensors to start from
-    teacher: str | None = None  # a model directory to distil from (DeiT), e.g. a ResNet-18
-    tracker: str = "mlflow"
-    evaluate: bool = True
-    export_dir: str | None = None  # a stable copy of the exported model, e.g. models/latest
-    cache_dir: str | None = None  # generated synthetic data; None: vitbirds.training.runner default
     # Test hook: the worker group that started from scratch fails after training this epoch and
     # before reporting it, so Ray Train must restart from the previous epoch's checkpoint.
     fail_at_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be at least 1, got {self.num_workers}")
-        if self.device == "mps" and self.num_workers != 1:
-            raise ConfigError(
-                "device 'mps' trains on one worker (one Apple GPU), "
-                f"got num_workers={self.num_workers}"
-            )
-        if self.cpus_per_worker < 1:
-            raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.device == "cuda"
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -186,13 +160,25 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
     command runs on a laptop and on a cluster. `address="local"` always starts a private one.
     A cluster with token auth (Ray 2.60's `ray start --head` default) needs RAY_AUTH_MODE=token
     and the token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) in the submitting shell; nothing
-    here turns it off.
+    here turns it off. Prints the Ray dashboard's address (a local Ray starts one where
+    `ray[default]` is installed), where the user follows the job.
     """
     if cluster_is_local():
         # Node preemption cannot happen to one machine; the watcher only adds log noise there.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
+    if ray.is_initialized():
+        return
+    context = ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
+    # Ray's own "View the dashboard at" line is an INFO log, hidden at WARNING: say it here.
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        print(f"Ray dashboard: http://{url.removeprefix('http://')}", flush=True)
+    else:
+        print(
+            "Ray dashboard: none (this Ray was started without one, or `ray[default]` is "
+            "not installed)",
+            flush=True,
+        )
 
 
 def default_cpus_per_worker(num_workers: int, *, local: bool) -> int:
@@ -434,13 +420,16 @@ def run_training(job: TrainJob) -> TrainOutcome:
         check_teacher(job.teacher, splits.classes)  # here, before any worker starts
 
     storage = _storage_path(job.storage_path)
-    if _is_uri(storage) and job.tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if is_uri(storage) and job.tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
         logger.warning("storage is %s: MLflow logs to ./runs (set MLFLOW_TRACKING_URI)", storage)
     tracker = make_tracker(
         job.tracker,
         run_name=job.run_name,
-        storage_path=storage if not _is_uri(storage) else "runs",
+        storage_path=storage if not is_uri(storage) else "runs",
     )
+    hint = tracker_hint(tracker)
+    if hint:
+        print(hint, flush=True)
     try:
         outcome = _train_and_export(job, splits, storage, tracker, started)
     except BaseException:
@@ -454,15 +443,8 @@ def _train_and_export(
     job: TrainJob, splits: DatasetSplits, storage: str, tracker: Tracker, started: float
 ) -> TrainOutcome:
     # Imported here, not at the top: workers import this module too, and matplotlib/scipy
-    # would only slow every worker's start.
-    from vitbirds.evaluation.evaluate import (
-        confusion_png,
-        evaluate_model,
-        learning_curves_png,
-        log_to_tracker,
-        write_report,
-    )
-    from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
+    # (evaluation figures) would only slow every worker's start.
+    from vitbirds.training.export import export_model
 
     tracker.log_params({**job.to_dict(), "system": system_info(job)})
     tracker.set_tags(
@@ -473,6 +455,31 @@ def _train_and_export(
             "data.fingerprint": splits.fingerprint(),
         }
     )
+    result, progress = _fit(job, tracker)
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints,
+        key=lambda pair: (pair[1][SCORE_METRIC], -pair[1]["val_loss"]),
+    )
+    with result.checkpoint.as_directory() as latest_dir:
+        history = read_metadata(latest_dir).history
+    started_at = int((result.return_value or {}).get("started_at_epoch", 0))
+    if started_at == job.recipe.train.epochs:
+        print(f"run {job.run_name!r} had already trained all {started_at} epochs", flush=True)
+    with best_checkpoint.as_directory() as best_dir:
+        loaded = load_model(best_dir)
+    metrics = {"best_epoch": int(best_metrics["epoch"])}
+    metrics.update({k: float(best_metrics[k]) for k in ("val_loss", "val_top1", "val_top5")})
+    exported = export_model(
+        loaded, splits, target=f"{storage}/{job.run_name}", history=history, metrics=metrics,
+        evaluate=job.evaluate, device=resolve_device("mps" if job.device == "mps" else "auto"),
+        tracker=tracker, export_dir=job.export_dir,
+    )  # fmt: skip
+    tracker.set_tags({"started_at_epoch": str(started_at)})
+    return _outcome(job, exported, progress, splits, tracker, started_at, started)
+
+
+def _fit(job: TrainJob, tracker: Tracker) -> tuple["ray.train.Result", "_Progress"]:
+    """Runs the TorchTrainer, printing and tracking each epoch as it is reported."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if job.use_gpu and gpus < job.num_workers:
         logger.warning(
@@ -500,89 +507,34 @@ def _train_and_export(
         ray.kill(feed)
     if result.checkpoint is None:
         raise ConfigError(f"run {job.run_name!r} reported no checkpoint; nothing to export")
+    return result, progress
 
-    best_checkpoint, best_metrics = max(
-        result.best_checkpoints,
-        key=lambda pair: (pair[1][SCORE_METRIC], -pair[1]["val_loss"]),
-    )
-    with result.checkpoint.as_directory() as latest_dir:
-        history = read_metadata(latest_dir).history
-    started_at = int((result.return_value or {}).get("started_at_epoch", 0))
-    if started_at == job.recipe.train.epochs:
-        print(f"run {job.run_name!r} had already trained all {started_at} epochs", flush=True)
 
-    with tempfile.TemporaryDirectory() as staging, best_checkpoint.as_directory() as best_dir:
-        staging = Path(staging)
-        loaded = load_model(best_dir)
-        metadata = loaded.metadata
-        metadata.history = history
-        metrics = {"best_epoch": int(best_metrics["epoch"])}
-        metrics.update({k: float(best_metrics[k]) for k in ("val_loss", "val_top1", "val_top5")})
-        evaluated_split = report_path = None
-        eval_dir = staging / "evaluation"
-        eval_dir.mkdir()
-        (eval_dir / "learning_curves.png").write_bytes(learning_curves_png(history))
-        if job.evaluate:
-            evaluated_split = "test" if splits.test else "valid"
-            result_eval = evaluate_model(
-                loaded,
-                splits.split(evaluated_split),
-                splits.classes,
-                split=evaluated_split,
-                data_label=data_label(splits),
-                data_synthetic=splits.synthetic,
-                device=resolve_device("mps" if job.device == "mps" else "auto"),
-            )
-            paths = write_report(result_eval, eval_dir)
-            confusion = result_eval.report.confusion
-            names = [row.name for row in result_eval.report.per_class]
-            (eval_dir / "confusion_matrix.png").write_bytes(confusion_png(confusion, names))
-            log_to_tracker(result_eval, paths, tracker)
-            summary = result_eval.report.summary()
-            metrics.update(
-                {
-                    f"{evaluated_split}_{key}": float(value)
-                    for key, value in summary.items()
-                    if isinstance(value, int | float) and not isinstance(value, bool)
-                }
-            )
-        metadata.metrics = metrics
-        save_model(staging / "model", loaded.model, metadata)
-        # The monitoring job compares live traffic against this profile of the valid split.
-        profile = build_reference_profile(
-            loaded, splits.valid, split="valid", data=splits.describe()
-        )
-        save_reference_profile(staging / "model", profile)
-        model_dir = _publish(staging / "model", f"{storage}/{job.run_name}/model")
-        eval_target = _publish(eval_dir, f"{storage}/{job.run_name}/evaluation")
-        if job.evaluate:
-            report_path = f"{eval_target}/report.html"
-        for image in ("learning_curves.png", "confusion_matrix.png"):
-            if (eval_dir / image).is_file():
-                tracker.log_artifact(eval_dir / image, "plots")
-        tracker.log_artifact(staging / "model", "model")
-        if job.export_dir:
-            _replace_model_dir(staging / "model", Path(job.export_dir))
-
-    tracker.log_metrics(metrics)
-    outcome = TrainOutcome(
+def _outcome(
+    job: TrainJob,
+    exported: "ExportedModel",
+    progress: "_Progress",
+    splits: DatasetSplits,
+    tracker: Tracker,
+    started_at: int,
+    started: float,
+) -> TrainOutcome:
+    return TrainOutcome(
         run_name=job.run_name,
-        model_dir=model_dir,
-        metrics=metrics,
-        best_epoch=metrics["best_epoch"],
-        history=history,
+        model_dir=exported.model_dir,
+        metrics=exported.metrics,
+        best_epoch=int(exported.metrics["best_epoch"]),
+        history=exported.metadata.history,
         started_at_epoch=started_at,
         epochs_run=progress.epochs_run,
         worker_failures=progress.failures,
         wall_time_s=time.perf_counter() - started,
         data=splits.describe(),
-        evaluated_split=evaluated_split,
-        report_path=report_path,
-        export_dir=job.export_dir,
+        evaluated_split=exported.evaluated_split,
+        report_path=exported.report_path,
+        export_dir=exported.export_dir,
         tracking=_tracking_info(job, tracker),
     )
-    tracker.set_tags({"model_dir": model_dir, "started_at_epoch": str(started_at)})
-    return outcome
 
 
 def build_trainer(
@@ -653,47 +605,9 @@ def _tracking_info(job: TrainJob, tracker: Tracker) -> dict[str, str]:
     return info
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _storage_path(path: str) -> str:
     """Ray Train wants an absolute local path; URIs (gs://, s3://) pass through."""
-    return path.rstrip("/") if _is_uri(path) else str(Path(path).expanduser().resolve())
-
-
-def _publish(local_dir: Path, target: str) -> str:
-    """Copies `local_dir` to `target` (a local path or a URI) and returns `target`."""
-    if not _is_uri(target):
-        _replace_dir(local_dir, Path(target))
-        return target
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(target)
-    filesystem.create_dir(path, recursive=True)
-    pafs.copy_files(
-        str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=filesystem,
-    )  # fmt: skip
-    return target
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fresh = target.with_name(f".{target.name}.new")
-    shutil.rmtree(fresh, ignore_errors=True)
-    shutil.copytree(source, fresh)
-    shutil.rmtree(target, ignore_errors=True)
-    fresh.rename(target)
-
-
-def _replace_model_dir(source: Path, target: Path) -> None:
-    """`--export-dir`: overwrites a previous model directory, never an unrelated folder."""
-    if target.is_symlink():
-        target.unlink()
-    elif target.exists() and any(target.iterdir()) and not (target / "metadata.json").is_file():
-        raise ConfigError(f"--export-dir {target} is not empty and holds no model: not replacing")
-    _replace_dir(source, target)
+    return path.rstrip("/") if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def write_summary(outcome: TrainOutcome, path: str | Path) -> Path:

@@ -33,6 +33,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from vitbirds.errors import ConfigError
+from vitbirds.paths import output_path
 from vitbirds.ray_adapter import train as ray_train
 from vitbirds.training.sweep import (
     METRIC,
@@ -50,7 +51,8 @@ TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes: the trial only drives its TorchTra
 
 
 def experiment_path(sweep: SweepConfig) -> Path:
-    return Path(sweep.storage_path).expanduser().resolve() / sweep.name
+    """<storage>/<sweep>; a relative storage path resolved as every job resolves its outputs."""
+    return Path(output_path(sweep.storage_path)) / sweep.name
 
 
 def train_storage(sweep: SweepConfig) -> str:

@@ -28,11 +28,11 @@ from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
 from vitbirds.model.vit import build_model, count_parameters
 from vitbirds.presets import Recipe
+from vitbirds.settings import RecipeSettings, RunSettings, preset_default, setting
 from vitbirds.training.tracking import Tracker
 
 METRIC = "val_top1"  # what ASHA stops on and the table is sorted by (higher is better)
 SEARCHES = ("grid", "random", "optuna")
-DEVICES = ("cpu", "cuda", "mps")
 DEFAULT_RANDOM_SAMPLES = 8
 
 
@@ -149,49 +149,55 @@ def _param(name: str) -> Param:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(RunSettings, RecipeSettings):
     """Everything that defines a sweep; saved beside the Tune experiment so a rerun with the same
-    name either resumes this sweep or refuses to mix it with different settings."""
+    name either resumes this sweep or refuses to mix it with different settings.
+
+    Preset, data, workers (per trial), device, storage, tracker and cache are the shared
+    `RecipeSettings` and `RunSettings`; the fields below are the sweep's own, with their
+    jobs/tune.py help text.
+    """
 
     name: str
-    preset: str = "vit-cpu"
-    data_dir: str | None = None  # None: the generated synthetic birds
-    num_classes: int | None = None
-    images_per_class: int | None = None
-    cache_dir: str | None = (
-        None  # generated synthetic data; None: vitbirds.training.runner's default
+    epochs: int | None = setting(
+        None,
+        "every trial's full schedule; ASHA's max_t",
+        default_text=preset_default("train", "epochs"),
     )
-    epochs: int | None = None  # None: the preset's; also ASHA's max_t
-    batch_size: int | None = None
-    seed: int | None = None
+    batch_size: int | None = setting(
+        None, "global batch", default_text=preset_default("train", "batch_size")
+    )
+    seed: int | None = setting(
+        None,
+        "training seed; also seeds the searcher",
+        default_text=preset_default("train", "seed"),
+    )
     space: dict[str, Dimension] = field(default_factory=lambda: dict(DEFAULT_SPACE))
-    search: str = "random"
-    # grid: repeats of the grid of lists (1), ranges sampled anew in each; else: trials (8)
-    num_samples: int | None = None
-    grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA: keeps the top 1/reduction_factor at each rung
-    num_workers: int = 1  # Ray Train workers per trial
-    cpus_per_worker: int = 1
-    device: str = "cpu"
-    max_concurrent: int | None = None  # None: as many as the cluster's resources hold
-    storage_path: str = "runs"
-    tracker: str = "mlflow"
+    search: str = setting("random", "search algorithm", choices=SEARCHES)
+    num_samples: int | None = setting(
+        None,
+        "trials of random/optuna search; repeats of the grid (ranges sampled anew in each)",
+        default_text=f"{DEFAULT_RANDOM_SAMPLES} trials; grid: 1 repeat",
+    )
+    grace_period: int = setting(2, "ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: int = setting(2, "ASHA: keeps the top 1/this of the trials at each rung")
+    max_concurrent: int | None = setting(
+        None, "trials at a time", default_text="as many as the cluster's resources hold"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"sweep name must be a plain folder name, got {self.name!r}")
         if self.search not in SEARCHES:
             raise ConfigError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not self.space:
             raise ConfigError("the search space is empty")
         for name in self.space:
             _param(name)
         positive = {
             "num_samples": self.num_samples, "epochs": self.epochs, "batch_size": self.batch_size,
-            "grace_period": self.grace_period, "num_workers": self.num_workers,
-            "cpus_per_worker": self.cpus_per_worker, "max_concurrent": self.max_concurrent,
+            "grace_period": self.grace_period, "max_concurrent": self.max_concurrent,
         }  # fmt: skip
         for name, value in positive.items():
             if value is not None and value < 1:

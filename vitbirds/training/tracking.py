@@ -212,3 +212,12 @@ def make_tracker(
     if kind == "none":
         return NullTracker()
     raise ConfigError(f"unknown tracker {kind!r}; choose one of {', '.join(TRACKERS)}")
+
+
+def tracker_hint(tracker: Tracker) -> str | None:
+    """How to look at the run: the `mlflow ui` command and the run's id (None for no tracker)."""
+    uri, run_id = getattr(tracker, "tracking_uri", None), getattr(tracker, "run_id", None)
+    if uri and run_id:
+        return f"MLflow run {run_id}: mlflow ui --backend-store-uri '{uri}'"
+    project = getattr(tracker, "project", None)
+    return f"Neptune project {project}" if project else None

@@ -1,0 +1,84 @@
+"""The shape of the code base: which folder may import what, and how long a library function may be.
+
+Read from the source with `ast` (every import, lazy ones inside functions included), so a move
+that breaks the layout fails here rather than in review.
+"""
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_ALLOWED = ("vitbirds/ray_adapter/", "serve/", "jobs/", "tests/")
+MAX_FUNCTION_LINES = 100
+
+
+def _sources() -> list[Path]:
+    skipped = {".venv", "venv", ".git", "runs", "build", "node_modules"}
+    return sorted(
+        path
+        for path in ROOT.rglob("*.py")
+        if not skipped & set(path.relative_to(ROOT).parts) and "egg-info" not in str(path)
+    )
+
+
+def _imports(path: Path) -> Iterator[tuple[str, int]]:
+    """(top-level module, line) of every import in `path`; relative imports are skipped."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module.split(".")[0], node.lineno
+
+
+def _violations(rule) -> list[str]:
+    found = []
+    for path in _sources():
+        name = path.relative_to(ROOT).as_posix()
+        for module, line in _imports(path):
+            if not rule(name, module):
+                found.append(f"{name}:{line} imports {module}")
+    return found
+
+
+def test_ray_is_imported_only_in_the_adapter_folder_serve_jobs_and_tests() -> None:
+    assert _violations(lambda name, module: module != "ray" or name.startswith(RAY_ALLOWED)) == []
+
+
+def test_the_library_never_imports_serve_or_jobs() -> None:
+    def rule(name: str, module: str) -> bool:
+        return not name.startswith("vitbirds/") or module not in ("serve", "jobs")
+
+    assert _violations(rule) == []
+
+
+def test_serve_never_imports_jobs() -> None:
+    assert _violations(lambda name, module: not name.startswith("serve/") or module != "jobs") == []
+
+
+def test_jobs_import_serve_only_in_serve_benchmarks() -> None:
+    def rule(name: str, module: str) -> bool:
+        return (
+            not name.startswith("jobs/")
+            or module != "serve"
+            or Path(name).name.startswith("bench_serve")
+        )
+
+    assert _violations(rule) == []
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "vitbirds").rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix()
+)
+def test_no_library_function_is_longer_than_100_lines(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    functions = (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+    long = {
+        f"{node.name} (line {node.lineno}): {node.end_lineno - node.lineno + 1} lines"
+        for node in functions
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert long == set()

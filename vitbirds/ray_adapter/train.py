@@ -1,6 +1,7 @@
 """Ray Train adapter: the one training loop of `vitbirds.training.loop`, on N Ray workers.
 
-The only module of the package that imports Ray. Everything a worker does besides talking to Ray
+With `tune.py` beside it, the only place in the library that imports Ray (tests/test_layout.py
+checks). Everything a worker does besides talking to Ray
 (data, model, loop, checkpoint format) comes from the Ray-free modules, so a distributed run and
 the plain single-process loop train the same way.
 

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--data-dir", metavar="PATH", help="dataset root (default: the model's, from its metadata)")
     add("--split", choices=[*SPLITS, "all"], default="test",
         help="split to evaluate; all: every image of the dataset (default: test)")  # fmt: skip
-    add("--out", metavar="PATH", help="output folder (default: runs/evaluation/MODEL-SPLIT)")
+    default_out = f"{RunSettings.storage_path}/evaluation/MODEL-SPLIT"
+    add("--out", metavar="PATH", help=f"output folder (default: {default_out})")
     add("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
         help=f"images per forward pass (default: {defaults.batch_size})")  # fmt: skip
     add("--device", choices=DEVICE_CHOICES, default="auto",
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"--attention-check needs a synthetic dataset; {splits.root} is not"
                 )
             check = attention_check(loaded, samples, load_mask, config=config, device=device)
-        out = Path(output_path(args.out or f"runs/evaluation/{Path(model_dir).name}-{args.split}"))
+        default_out = f"{RunSettings.storage_path}/evaluation/{Path(model_dir).name}-{args.split}"
+        out = Path(output_path(args.out or default_out))
         tracker = make_tracker(
             args.tracker,
             run_name=f"evaluate-{Path(model_dir).name}-{args.split}",

@@ -5,7 +5,7 @@ import torch
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
-from vitbirds.model.vit import VisionTransformer, build_model, resize_pos_embed
+from vitbirds.model.vit import DropPath, VisionTransformer, build_model, resize_pos_embed
 from vitbirds.presets import PRESETS, get_recipe
 
 SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)
@@ -51,6 +51,17 @@ def test_attention_weights_path_gives_the_same_logits_and_rows_sum_to_one(option
     for weights in attentions:
         assert weights.shape == (2, config.heads, tokens, tokens)
         assert torch.allclose(weights.sum(-1), torch.ones(2, config.heads, tokens), atol=1e-5)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1000, 4, 3)
+    out = DropPath(0.25).train()(x)
+    per_sample = out.flatten(1)
+    assert torch.allclose(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert (per_sample == per_sample[:, :1]).all()
+    assert 0.65 < (per_sample[:, 0] > 0).float().mean() < 0.85
+    assert torch.equal(DropPath(0.25).eval()(x), x)
 
 
 def test_locality_attention_never_attends_to_itself() -> None:

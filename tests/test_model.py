@@ -1,5 +1,10 @@
 """The ViT is the ViT: shapes, both attention paths, timm parity, presets and config errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,3 +132,26 @@ def test_input_not_divisible_by_patch_is_a_clear_error() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'vit-xl'.*vit-cpu"):
         get_recipe("vit-xl")
+
+
+def test_the_library_and_the_model_bench_import_where_ray_is_not_installed() -> None:
+    """A GPU box with torch and timm but no Ray runs `jobs/bench_model.py`: everything outside
+    `vitbirds.ray_adapter` must import with `import ray` failing."""
+    code = """
+import importlib, pkgutil, sys
+sys.modules["ray"] = None  # `import ray` now raises ImportError
+import vitbirds
+for module in pkgutil.walk_packages(vitbirds.__path__, "vitbirds."):
+    if not module.name.startswith("vitbirds.ray_adapter"):
+        importlib.import_module(module.name)
+import jobs.bench_model
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

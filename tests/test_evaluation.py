@@ -38,6 +38,8 @@ from vitbirds.evaluation.metrics import classification_report, confusion_from_en
 from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import LoadedModel, load_model, save_model
 from vitbirds.model.vit import build_model
+from vitbirds.monitoring.predictions import EMBEDDING_DIM
+from vitbirds.monitoring.reference import build_reference_profile
 from vitbirds.presets import Recipe
 from vitbirds.training.loop import TrainingRun, seed_everything
 from vitbirds.training.runner import build_metadata, data_label
@@ -342,14 +344,19 @@ def test_the_confusion_close_up_holds_exactly_the_confused_classes():
     assert sorted(chosen) == [*range(20), *range(100, 110)]
 
 
+def _resnet_dir(path: Path, splits: DatasetSplits) -> Path:
+    """A ResNet-18 model directory, as `jobs/bench_accuracy.py --only resnet` exports one."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY.to_dict(), "num_classes": len(splits.classes)})
+    metadata = build_metadata(Recipe(config, DataConfig(image_size=32)), splits, name="cnn")
+    metadata.architecture = "resnet18"
+    return save_model(path, build_classifier("resnet18", config), metadata)
+
+
 def test_a_model_without_attention_is_evaluated_without_overlays_and_says_so(
     synthetic, tmp_path, capsys
 ):
-    torch.manual_seed(0)
-    config = ModelConfig(**{**TINY.to_dict(), "num_classes": len(synthetic.classes)})
-    metadata = build_metadata(Recipe(config, DataConfig(image_size=32)), synthetic, name="cnn")
-    metadata.architecture = "resnet18"
-    model = save_model(tmp_path / "resnet", build_classifier("resnet18", config), metadata)
+    model = _resnet_dir(tmp_path / "resnet", synthetic)
     out = tmp_path / "eval"
     argv = ["--model", str(model), "--data-dir", str(synthetic.root), "--out", str(out)]
     assert evaluate_job.main(argv) == 0
@@ -359,6 +366,15 @@ def test_a_model_without_attention_is_evaluated_without_overlays_and_says_so(
     assert overlays["count"] == 0 and "resnet18" in overlays["unavailable"]
     assert evaluate_job.main([*argv, "--attention-check"]) == 2
     assert "needs attention maps" in capsys.readouterr().err
+
+
+def test_a_model_without_attention_gets_a_reference_profile_for_drift_monitoring(
+    synthetic, tmp_path
+):
+    loaded = load_model(_resnet_dir(tmp_path / "resnet", synthetic))
+    profile = build_reference_profile(loaded, synthetic.valid)
+    assert profile.outputs.embeddings.shape == (len(synthetic.valid), EMBEDDING_DIM)
+    assert profile.embedding["source_dim"] == 512  # ResNet-18's pooled features
 
 
 def test_cli_writes_metrics_report_and_attention_check(synthetic, tmp_path, capsys):

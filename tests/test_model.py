@@ -10,6 +10,7 @@ import torch
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
+from vitbirds.model.baselines import build_classifier, embedding_dim, logits_and_embedding
 from vitbirds.model.vit import DropPath, VisionTransformer, build_model, resize_pos_embed
 from vitbirds.presets import PRESETS, get_recipe
 
@@ -95,6 +96,20 @@ def test_cls_embedding_is_what_the_head_reads() -> None:
         embedding = model.embed(x)
         assert embedding.shape == (2, 48)
         assert torch.allclose(model.head(embedding), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["vit", "resnet18"])
+def test_the_embedding_of_either_architecture_is_what_its_head_reads(architecture: str) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL)
+    model = build_classifier(architecture, config).eval()
+    x = _inputs(config)
+    with torch.no_grad():
+        logits, embedding = logits_and_embedding(model, x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert embedding.shape == (2, embedding_dim(architecture, config))
+    head = model.head if architecture == "vit" else model.fc
+    assert torch.allclose(head(embedding), logits, atol=1e-5)
 
 
 def test_position_embedding_is_interpolated_for_another_image_size() -> None:

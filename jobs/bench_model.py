@@ -26,6 +26,7 @@ batches, so the data path's share of the step shows.
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import sys
@@ -221,17 +222,23 @@ def bench_preset(name: str, args: argparse.Namespace, peak: float | None) -> dic
 
 
 def train_loop_throughput(name: str, args: argparse.Namespace, peak: float | None) -> dict:
-    """The training loop's images/s on generated photos at the preset's image size: once fed by
-    the data loaders (decode-once cache, augmentation on the CPU), once by batches already on the
-    device, so `loader_share` = 1 - loaders / device-resident says what the data path costs."""
+    """The training loop's images/s at the preset's image size: fed by the data loaders
+    (decode-once cache, augmentation on the CPU) and fed batches already on the device, so
+    `loader_share` = 1 - loaders / device-resident says what the data path costs the step.
+
+    The photos are `--loop-data-dir` (e.g. written by jobs/make_dataset.py) or a small generated
+    set; each measurement covers at least `--loop-steps` steps, the first epoch (decoding,
+    compiling, allocating) untimed."""
     from vitbirds.data.loading import make_loaders
     from vitbirds.training.loop import TrainingRun, seed_everything
     from vitbirds.training.runner import build_run_model, fit_recipe_to_data, prepare_dataset
 
     device = torch.device(args.device)
     recipe = get_recipe(name)
-    recipe.data = replace(recipe.data, num_classes=10, images_per_class=args.loop_images // 10)
-    recipe.train = replace(recipe.train, compile=args.compile, epochs=3)
+    recipe.data = replace(recipe.data, data_dir=args.loop_data_dir)
+    if args.loop_data_dir is None:
+        recipe.data = replace(recipe.data, num_classes=10, images_per_class=args.loop_images // 10)
+    recipe.train = replace(recipe.train, compile=args.compile)
     if args.batch:
         recipe.train = replace(recipe.train, batch_size=args.batch)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as cache:
@@ -241,14 +248,16 @@ def train_loop_throughput(name: str, args: argparse.Namespace, peak: float | Non
         train, _, _ = make_loaders(replace(splits, test=[]), recipe.data, recipe.train)
         model = build_run_model(recipe).to(device)
         run = TrainingRun(model, recipe.train, steps_per_epoch=len(train), device=device)
-        run.train_epoch(train)  # decodes into the cache, compiles, allocates
-        loaders = run.train_epoch(train)["images_per_s"]
-        resident = [(images.to(device), labels.to(device)) for images, labels in train]
+        run.train_epoch(train)
+        epochs = math.ceil(args.loop_steps / len(train))
+        loaders = statistics.median(run.train_epoch(train)["images_per_s"] for _ in range(epochs))
+        resident = [(images.to(device), labels.to(device)) for images, labels in train] * epochs
         on_device = run.train_epoch(resident)["images_per_s"]
     flops = flops_per_image(model, recipe.model, args.device)["forward_backward"]
     result = {
-        "images": len(splits.train),
+        "train_images": len(splits.train),
         "batch": recipe.train.batch_size,
+        "steps_per_measurement": epochs * len(train),
         "loaders_images_per_s": round(loaders, 2),
         "device_resident_images_per_s": round(on_device, 2),
         "loader_share": round(1 - loaders / on_device, 3),
@@ -283,7 +292,9 @@ def main() -> None:
     parser.add_argument(
         "--train-loop", action="store_true", help="also the training loop's images/s and MFU"
     )
-    parser.add_argument("--loop-images", type=int, default=1000, help="generated photos")
+    parser.add_argument("--loop-data-dir", help="photos for --train-loop (default: generated)")
+    parser.add_argument("--loop-images", type=int, default=300, help="generated photos")
+    parser.add_argument("--loop-steps", type=int, default=20, help="steps per loop measurement")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error(f"--rounds must be at least 2, got {args.rounds}")

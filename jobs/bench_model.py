@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--batch", type=int, help="batch size for every preset")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per mode")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per mode")
     parser.add_argument("--steps", type=int, help="steps per model per round (cpu 2, cuda 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model and mode")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")

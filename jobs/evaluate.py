@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.timing['images_per_s']:.1f} images/s"
         + (" [SYNTHETIC]" if result.synthetic else "")
     )
+    if result.no_overlays_reason:
+        print(f"note: {result.no_overlays_reason}")
     if check is not None:
         print(f"attention check: {json.dumps(check.to_dict())}")
     for name, path in paths.items():

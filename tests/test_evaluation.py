@@ -27,15 +27,19 @@ from vitbirds.data.sources import DatasetSplits, Sample
 from vitbirds.errors import DataError
 from vitbirds.evaluation.evaluate import (
     EvaluationConfig,
+    EvaluationResult,
     attention_check,
     confusion_order,
     evaluate_model,
     log_to_tracker,
     write_report,
 )
-from vitbirds.evaluation.metrics import confusion_from_entries
+from vitbirds.evaluation.metrics import classification_report, confusion_from_entries
+from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import LoadedModel, load_model, save_model
 from vitbirds.model.vit import build_model
+from vitbirds.monitoring.predictions import EMBEDDING_DIM
+from vitbirds.monitoring.reference import build_reference_profile
 from vitbirds.presets import Recipe
 from vitbirds.training.loop import TrainingRun, seed_everything
 from vitbirds.training.runner import build_metadata, data_label
@@ -52,6 +56,7 @@ SECTIONS = {
     "confusion-matrix",
     "top-confusions",
     "worst-classes",
+    "per-class",
     "attention",
     "reliability",
 }
@@ -278,6 +283,87 @@ def test_confusion_order_puts_mutually_confused_classes_side_by_side():
     assert sorted(order) == list(range(60))
     assert abs(order.index(3) - order.index(50)) == 1
     assert abs(order.index(7) - order.index(31)) == 1
+
+
+def _kaggle_scale_result(classes: int = 525, per_class: int = 5) -> EvaluationResult:
+    """Kaggle's validation shape (5 photos of each of 525 species) with planted mistakes: every
+    photo of classes 0-9 is taken for class 100-109, two of each of classes 10-19 for 200-209;
+    every other photo is right."""
+    labels = np.repeat(np.arange(classes), per_class)
+    predicted = labels.copy()
+    predicted[labels < 10] += 100
+    for c in range(10, 20):
+        predicted[np.flatnonzero(labels == c)[:2]] = c + 190
+    probs = np.full((len(labels), classes), 0.1 / (classes - 1))
+    probs[np.arange(len(labels)), predicted] = 0.9
+    names = [f"SPECIES {i:03d}" for i in range(classes)]
+    return EvaluationResult(
+        report=classification_report(labels, probs, names),
+        labels=labels,
+        probs=probs,
+        samples=[Sample(Path(f"{i}.jpg"), int(label)) for i, label in enumerate(labels)],
+        skipped=[],
+        overlays=[],
+        split="valid",
+        model_name="fake",
+        model_version="1",
+        data_label="generated logits",
+        data_synthetic=True,
+        model_trained_on_synthetic=True,
+        timing={"images_per_s": 1.0},
+    )
+
+
+def test_a_525_class_report_stays_small_and_names_the_classes_that_matter(tmp_path):
+    path = write_report(_kaggle_scale_result(), tmp_path)["report"]
+    assert path.stat().st_size < 1_500_000
+    parsed = _parse(path)
+    worst = [row[0] for row in parsed.tables["worst-classes-table"][1:]]
+    assert worst == [f"SPECIES {i:03d}" for i in range(10)]
+    assert len(parsed.tables["per-class-table"]) == 1 + 525
+    assert "confusion-zoom" in parsed.ids  # the named close-up of the most confused classes
+    overview, close_up = parsed.sections["confusion-matrix"]
+    assert _png_size(close_up)[0] < _png_size(overview)[0]
+
+
+def test_the_confusion_close_up_holds_exactly_the_confused_classes():
+    from vitbirds.evaluation.evaluate import most_confused_classes
+
+    chosen = most_confused_classes(_kaggle_scale_result().report.confusion, 30)
+    assert sorted(chosen) == [*range(20), *range(100, 110)]
+
+
+def _resnet_dir(path: Path, splits: DatasetSplits) -> Path:
+    """A ResNet-18 model directory, as `jobs/bench_accuracy.py --only resnet` exports one."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY.to_dict(), "num_classes": len(splits.classes)})
+    metadata = build_metadata(Recipe(config, DataConfig(image_size=32)), splits, name="cnn")
+    metadata.architecture = "resnet18"
+    return save_model(path, build_classifier("resnet18", config), metadata)
+
+
+def test_a_model_without_attention_is_evaluated_without_overlays_and_says_so(
+    synthetic, tmp_path, capsys
+):
+    model = _resnet_dir(tmp_path / "resnet", synthetic)
+    out = tmp_path / "eval"
+    argv = ["--model", str(model), "--data-dir", str(synthetic.root), "--out", str(out)]
+    assert evaluate_job.main(argv) == 0
+    assert "has no attention maps" in capsys.readouterr().out
+    assert "no-overlays" in _parse(out / "report.html").ids
+    overlays = json.loads((out / "metrics.json").read_text())["overlays"]
+    assert overlays["count"] == 0 and "resnet18" in overlays["unavailable"]
+    assert evaluate_job.main([*argv, "--attention-check"]) == 2
+    assert "needs attention maps" in capsys.readouterr().err
+
+
+def test_a_model_without_attention_gets_a_reference_profile_for_drift_monitoring(
+    synthetic, tmp_path
+):
+    loaded = load_model(_resnet_dir(tmp_path / "resnet", synthetic))
+    profile = build_reference_profile(loaded, synthetic.valid)
+    assert profile.outputs.embeddings.shape == (len(synthetic.valid), EMBEDDING_DIM)
+    assert profile.embedding["source_dim"] == 512  # ResNet-18's pooled features
 
 
 def test_cli_writes_metrics_report_and_attention_check(synthetic, tmp_path, capsys):

@@ -1,11 +1,17 @@
 """The ViT is the ViT: shapes, both attention paths, timm parity, presets and config errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
-from vitbirds.model.vit import VisionTransformer, build_model, resize_pos_embed
+from vitbirds.model.baselines import build_classifier, embedding_dim, logits_and_embedding
+from vitbirds.model.vit import DropPath, VisionTransformer, build_model, resize_pos_embed
 from vitbirds.presets import PRESETS, get_recipe
 
 SMALL = dict(image_size=32, patch_size=8, dim=48, depth=2, heads=3, num_classes=5)
@@ -53,6 +59,17 @@ def test_attention_weights_path_gives_the_same_logits_and_rows_sum_to_one(option
         assert torch.allclose(weights.sum(-1), torch.ones(2, config.heads, tokens), atol=1e-5)
 
 
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1000, 4, 3)
+    out = DropPath(0.25).train()(x)
+    per_sample = out.flatten(1)
+    assert torch.allclose(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert (per_sample == per_sample[:, :1]).all()
+    assert 0.65 < (per_sample[:, 0] > 0).float().mean() < 0.85
+    assert torch.equal(DropPath(0.25).eval()(x), x)
+
+
 def test_locality_attention_never_attends_to_itself() -> None:
     model = VisionTransformer(ModelConfig(**SMALL, locality_attention=True)).eval()
     with torch.no_grad():
@@ -79,6 +96,20 @@ def test_cls_embedding_is_what_the_head_reads() -> None:
         embedding = model.embed(x)
         assert embedding.shape == (2, 48)
         assert torch.allclose(model.head(embedding), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["vit", "resnet18"])
+def test_the_embedding_of_either_architecture_is_what_its_head_reads(architecture: str) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL)
+    model = build_classifier(architecture, config).eval()
+    x = _inputs(config)
+    with torch.no_grad():
+        logits, embedding = logits_and_embedding(model, x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert embedding.shape == (2, embedding_dim(architecture, config))
+    head = model.head if architecture == "vit" else model.fc
+    assert torch.allclose(head(embedding), logits, atol=1e-5)
 
 
 def test_position_embedding_is_interpolated_for_another_image_size() -> None:
@@ -116,3 +147,26 @@ def test_input_not_divisible_by_patch_is_a_clear_error() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'vit-xl'.*vit-cpu"):
         get_recipe("vit-xl")
+
+
+def test_the_library_and_the_model_bench_import_where_ray_is_not_installed() -> None:
+    """A GPU box with torch and timm but no Ray runs `jobs/bench_model.py`: everything outside
+    `vitbirds.ray_adapter` must import with `import ray` failing."""
+    code = """
+import importlib, pkgutil, sys
+sys.modules["ray"] = None  # `import ray` now raises ImportError
+import vitbirds
+for module in pkgutil.walk_packages(vitbirds.__path__, "vitbirds."):
+    if not module.name.startswith("vitbirds.ray_adapter"):
+        importlib.import_module(module.name)
+import jobs.bench_model
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,8 +1,11 @@
 """Our ViT computes exactly timm's VisionTransformer, and loads its weights (`--init-from`)."""
 
+from collections import Counter
+
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.profiler import ProfilerActivity, profile
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
@@ -21,7 +24,16 @@ def _timm_model(config: ModelConfig) -> torch.nn.Module:
         num_heads=config.heads,
         mlp_ratio=config.mlp_ratio,
         num_classes=config.num_classes,
+        drop_path_rate=config.drop_path,
     ).eval()
+
+
+def _training_step_ops(model: torch.nn.Module, x: torch.Tensor) -> Counter:
+    """How often each aten op runs in one training-mode forward + backward."""
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).logsumexp(dim=1).mean().backward()
+    return Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
 
 
 @pytest.mark.parametrize(
@@ -68,3 +80,27 @@ def test_init_from_refuses_pickles_and_wrong_shapes(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, path)
     with pytest.raises(ModelFileError, match="do not fit this model config"):
         init_from_timm(model, path)
+
+
+def test_a_training_step_runs_no_op_that_timm_does_not() -> None:
+    """The step-speed comparison of jobs/bench_model.py rests on this: with stochastic depth on, our
+    forward + backward is timm's op for op (timm runs one extra no-op dropout before its head)."""
+    config = ModelConfig(image_size=32, patch_size=8, dim=48, depth=3, heads=3, drop_path=0.2)
+    reference = _timm_model(config)
+    ours = VisionTransformer(config)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    extra = _training_step_ops(ours, x) - _training_step_ops(reference, x)
+    assert extra == Counter()
+
+
+def test_training_mode_with_stochastic_depth_matches_timm_under_the_same_seed() -> None:
+    config = ModelConfig(image_size=32, patch_size=8, dim=48, depth=3, heads=3, drop_path=0.5)
+    reference = _timm_model(config).train()
+    ours = VisionTransformer(config).train()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.manual_seed(1)
+    assert torch.allclose(ours(x), expected, atol=1e-5)

@@ -5,7 +5,12 @@
 
 The forward pass uses the fused attention path (no weights), so evaluating costs what decoding
 plus inference costs; only the handful of images drawn in the report run a second forward pass
-that returns attention weights.
+that returns attention weights. A model without attention maps (the ResNet-18 baseline) is
+evaluated the same way, and its report says that it has no overlays instead of drawing them.
+
+At Kaggle's 525 classes the report stays readable and bounded: the full confusion matrix is an
+unnamed overview ordered by co-confusion, next to a named close-up of the most confused classes;
+the per-class table sits folded and sorts by any column.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from vitbirds.data.images import load_rgb
 from vitbirds.data.loading import ImageDataset, SkippedImage
 from vitbirds.data.sources import Sample
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.errors import DataError
+from vitbirds.errors import ConfigError, DataError
 from vitbirds.evaluation.metrics import ClassificationReport, ClassMetrics, classification_report
 from vitbirds.model.explain import (
     HeadFusion,
@@ -42,6 +47,7 @@ from vitbirds.model.explain import (
     attention_maps,
     denormalize,
     render_overlay,
+    supports_attention_maps,
 )
 from vitbirds.model.files import LoadedModel
 from vitbirds.training.tracking import Tracker
@@ -50,6 +56,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 WORST_CLASSES = 10
 TICK_LABEL_LIMIT = 40  # beyond this many classes, names on the confusion axes are unreadable
+ZOOM_CLASSES = 30  # classes in the named close-up of the confusion matrix, when there are more
 
 
 @dataclass
@@ -99,6 +106,7 @@ class EvaluationResult:
     model_trained_on_synthetic: bool
     history: list[dict[str, float]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    no_overlays_reason: str | None = None  # set when the model cannot draw attention overlays
 
     @property
     def synthetic(self) -> bool:
@@ -117,6 +125,7 @@ class EvaluationResult:
                 "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             },
             "timing": self.timing,
+            "overlays": {"count": len(self.overlays), "unavailable": self.no_overlays_reason},
             "metrics": self.report.to_dict(),
         }
 
@@ -171,7 +180,10 @@ def evaluate_model(
     metrics_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    overlays = _overlays(loaded, evaluated, labels, prob_array, config, device)
+    no_overlays = no_attention_reason(loaded)
+    overlays = (
+        [] if no_overlays else _overlays(loaded, evaluated, labels, prob_array, config, device)
+    )
     overlays_s = time.perf_counter() - started
     return EvaluationResult(
         report=report,
@@ -194,6 +206,17 @@ def evaluate_model(
             "overlays_s": overlays_s,
             "images_per_s": len(evaluated) / (inference_s + metrics_s + overlays_s),
         },
+        no_overlays_reason=no_overlays,
+    )
+
+
+def no_attention_reason(loaded: LoadedModel) -> str | None:
+    """Why `loaded` cannot draw attention overlays (a CNN has no attention), else None."""
+    if supports_attention_maps(loaded.model):
+        return None
+    return (
+        f"architecture {loaded.metadata.architecture!r} has no attention maps, so this report "
+        "has no attention overlays"
     )
 
 
@@ -314,6 +337,21 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 0; } figcaption { font-size: 0.9em; }
 .wrong { color: #b00020; } .right { color: #1b5e20; }
 img { max-width: 100%; }
+#per-class-table th { cursor: pointer; }
+"""
+
+# Click a header of the per-class table to sort by it (numbers as numbers; again: reversed).
+_SORT_SCRIPT = """
+document.querySelectorAll("#per-class-table th").forEach((th, col) => th.addEventListener(
+  "click", () => {
+    const table = th.closest("table"), rows = [...table.rows].slice(1);
+    const key = r => { const t = r.cells[col].textContent, n = parseFloat(t);
+                       return isNaN(n) ? t : n; };
+    const dir = th.dataset.dir = th.dataset.dir === "asc" ? "desc" : "asc";
+    rows.sort((a, b) => { const x = key(a), y = key(b);
+      return (x < y ? -1 : x > y ? 1 : 0) * (dir === "asc" ? 1 : -1); });
+    rows.forEach(r => table.tBodies[0].appendChild(r));
+  }));
 """
 
 
@@ -338,6 +376,7 @@ def render_html(result: EvaluationResult) -> str:
         _confusion_section(report),
         _top_confusions_section(report),
         _worst_classes_section(report),
+        _per_class_section(report),
         _attention_section(result),
         _reliability_section(report),
         "</body></html>",
@@ -434,17 +473,28 @@ def _learning_curves_section(history: list[dict[str, float]]) -> str:
 
 def _confusion_section(report: ClassificationReport) -> str:
     c = report.num_classes
+    names = [p.name for p in report.per_class]
     ordering = (
         "Classes in label order, named on the axes"
         if c <= TICK_LABEL_LIMIT
         else "Classes ordered so that classes confused with each other sit together "
-        "(hierarchical clustering of the confusions); too many to name, see the tables below"
+        "(hierarchical clustering of the confusions); too many to name: the close-up below "
+        "names the most confused ones"
     )
     body = (
         f"<p>Rows: true class, columns: predicted class, each row normalised by the class's "
         f"support; colour on a square-root scale so rare confusions stay visible. {ordering}.</p>"
-        + _img(confusion_png(report.confusion, [p.name for p in report.per_class]), "confusion")
+        + _img(confusion_png(report.confusion, names), "confusion")
     )
+    if c > TICK_LABEL_LIMIT:
+        zoom = most_confused_classes(report.confusion, ZOOM_CLASSES)
+        if len(zoom) > 1:
+            body += (
+                f'<h3 id="confusion-zoom">Close-up: the {len(zoom)} classes most involved in '
+                "confusions</h3><p>The same rates for these classes only (each row still divided "
+                "by the class's whole support), ordered so that mutual confusions sit together."
+                "</p>" + _img(confusion_png(report.confusion, names, zoom), "confusion close-up")
+            )
     return _section("confusion-matrix", "Confusion matrix", body)
 
 
@@ -484,7 +534,33 @@ def _worst_classes_section(report: ClassificationReport) -> str:
     )
 
 
+def _per_class_section(report: ClassificationReport) -> str:
+    rows = [
+        (
+            r.name,
+            r.support,
+            r.predicted,
+            _fmt(r.precision),
+            _fmt(r.recall),
+            _fmt(r.f1),
+            _fmt(r.auroc),
+        )
+        for r in report.per_class
+    ]
+    header = ["Class", "Support", "Predicted", "Precision", "Recall", "F1", "AUROC"]
+    body = (
+        f"<details><summary>All {report.num_classes} classes, in label order (click a column "
+        "header to sort)</summary>"
+        + _table("per-class", header, rows)
+        + f"</details><script>{_SORT_SCRIPT}</script>"
+    )
+    return _section("per-class", "Every class", body)
+
+
 def _attention_section(result: EvaluationResult) -> str:
+    if result.no_overlays_reason:
+        body = f'<p id="no-overlays">{_e(result.no_overlays_reason.capitalize())}.</p>'
+        return _section("attention", "Where the model looks", body)
     figures = []
     for overlay in result.overlays:
         mark = "right" if overlay.correct else "wrong"
@@ -567,13 +643,31 @@ def confusion_order(confusion: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(distance, checks=False), method="average"))
 
 
-def confusion_png(confusion: np.ndarray, class_names: Sequence[str]) -> bytes:
-    """Row-normalised confusion matrix; named axes up to TICK_LABEL_LIMIT classes, else ordered
-    by co-confusion without names."""
-    c = len(confusion)
-    order = np.arange(c) if c <= TICK_LABEL_LIMIT else confusion_order(confusion)
+def most_confused_classes(confusion: np.ndarray, limit: int) -> np.ndarray:
+    """Up to `limit` classes with the largest share of confusions, as the true class or as the
+    prediction (row-normalised rates), in an order that puts mutual confusions side by side."""
     support = confusion.sum(axis=1, keepdims=True)
     rates = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+    np.fill_diagonal(rates, 0.0)
+    involvement = rates.sum(axis=0) + rates.sum(axis=1)
+    involved = np.flatnonzero(involvement > 0)
+    chosen = np.sort(involved[np.argsort(-involvement[involved], kind="stable")][:limit])
+    return chosen[confusion_order(confusion[np.ix_(chosen, chosen)])]
+
+
+def confusion_png(
+    confusion: np.ndarray, class_names: Sequence[str], classes: np.ndarray | None = None
+) -> bytes:
+    """Row-normalised confusion matrix; named axes up to TICK_LABEL_LIMIT classes, else ordered
+    by co-confusion without names. `classes` draws only those rows and columns, in that order
+    and named (rates still over each class's whole support)."""
+    c = len(confusion)
+    support = confusion.sum(axis=1, keepdims=True)
+    rates = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+    if classes is not None:
+        order, c = np.asarray(classes), len(classes)
+    else:
+        order = np.arange(c) if c <= TICK_LABEL_LIMIT else confusion_order(confusion)
     rates = rates[np.ix_(order, order)]
     # Beyond the named range, at least ~2 screen pixels per class so no class row is dropped.
     side = 8 if c <= TICK_LABEL_LIMIT else min(14, max(8, 2 + 2.4 * c / 100))
@@ -655,6 +749,9 @@ def attention_check(
     """Rollout (per `config`) of each image vs its object mask (`mask_of(path)`: a mask image or
     array the size of the image, nonzero inside the object), both seen through the eval crop."""
     config = config or EvaluationConfig()
+    reason = no_attention_reason(loaded)
+    if reason:
+        raise ConfigError(f"the attention check needs attention maps: {reason.split(',')[0]}")
     metadata = loaded.metadata
     size = metadata.image_size
     transform = eval_transform(size, metadata.mean, metadata.std)

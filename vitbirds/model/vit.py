@@ -168,8 +168,10 @@ class DropPath(nn.Module):
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        # The 1/keep rescale goes on the [B, 1, 1] mask, not on the [B, N, dim] activations: one
+        # full-size multiply forward and one backward, as timm, instead of a multiply and a divide.
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
 
 
 class Block(nn.Module):

@@ -6,7 +6,8 @@ trained on, and the features must be computed exactly as Serve logs them:
 
 - images decoded and transformed as evaluation and Serve do (`load_rgb` at the short side
   `image_size * EVAL_RESIZE_SCALE`, `eval_transform`);
-- embeddings are the CLS embedding through the same seeded projection as the prediction log
+- embeddings are the CLS embedding (a ResNet's pooled features: `logits_and_embedding`) through
+  the same seeded projection as the prediction log
   (`vitbirds.monitoring.predictions.EmbeddingProjector`), so logged and reference vectors compare.
 
 Files in the model directory:
@@ -36,6 +37,7 @@ from vitbirds.data.sources import Sample
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import DataError, ModelFileError
 from vitbirds.evaluation.metrics import classification_report
+from vitbirds.model.baselines import embedding_dim, logits_and_embedding
 from vitbirds.model.files import LoadedModel, ModelMetadata
 from vitbirds.monitoring.drift import atc_threshold, fit_temperature
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, EMBEDDING_SEED, EmbeddingProjector
@@ -124,19 +126,16 @@ def model_outputs(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> ModelOutputs:
-    """Logits, projected CLS embeddings and labels of (normalised image, label) pairs."""
+    """Logits, projected embeddings (see `logits_and_embedding`) and labels of (normalised image,
+    label) pairs."""
     model = loaded.model.to(device).eval()
-    if not hasattr(model, "forward_features"):
-        raise ModelFileError(
-            f"architecture {loaded.metadata.architecture!r} has no CLS embedding; drift "
-            "monitoring needs a ViT"
-        )
-    projector = EmbeddingProjector(loaded.metadata.model_config.dim)
+    metadata = loaded.metadata
+    projector = EmbeddingProjector(embedding_dim(metadata.architecture, metadata.model_config))
     logits, embeddings, labels = [], [], []
     for batch, batch_labels in DataLoader(images, batch_size=batch_size):
-        features = model.forward_features(batch.to(device))
-        logits.append(model.forward_head(features).float().cpu())
-        embeddings.append(projector(features[:, 0]))
+        batch_logits, batch_embeddings = logits_and_embedding(model, batch.to(device))
+        logits.append(batch_logits.float().cpu())
+        embeddings.append(projector(batch_embeddings))
         labels.append(torch.as_tensor(batch_labels))
     if not logits:
         raise DataError("no images to run the model on")
@@ -190,7 +189,7 @@ def profile_from_outputs(
         atc_threshold=atc_threshold(confidence, correct),
         metrics=report,
         embedding={
-            "source_dim": metadata.model_config.dim,
+            "source_dim": embedding_dim(metadata.architecture, metadata.model_config),
             "dim": EMBEDDING_DIM,
             "seed": EMBEDDING_SEED,
         },

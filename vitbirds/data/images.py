@@ -150,6 +150,8 @@ def _decode(data: bytes, max_pixels: int, short_side: int | None) -> Image.Image
         raise ImageDecodeError(f"not an image ({len(data)} bytes, {image_format} header)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"refused, too many pixels ({exc})") from exc
+    except MemoryError:  # the sandbox's memory limit: its worker reports it
+        raise
     except Exception as exc:  # Pillow's format plugins raise many types on malformed headers
         raise ImageDecodeError(f"unreadable {image_format} header ({exc})") from exc
     if image_format == "TIFF" and image.info.get("compression") not in _TIFF_COMPRESSIONS:
@@ -162,7 +164,7 @@ def _decode(data: bytes, max_pixels: int, short_side: int | None) -> Image.Image
         check_size(*image.size, max_pixels, "decoded")
         ImageOps.exif_transpose(image, in_place=True)
         image = _to_rgb(image)
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
     except Exception as exc:  # truncated data surfaces as OSError, others as ValueError/SyntaxError
         raise ImageDecodeError(f"cannot decode pixels ({exc})") from exc

@@ -132,7 +132,11 @@ def worker_main(memory_bytes: int) -> None:
             limit = f"{memory_bytes // 2**20} MiB"
             _write_message(
                 answers,
-                {"error": "DecodeBudgetExceeded", "message": f"decoding needs over {limit}"},
+                {
+                    "error": "DecodeBudgetExceeded",
+                    "message": f"decoding needs over {limit}",
+                    "exiting": True,
+                },
                 b"",
             )
             return  # a failed allocation may leave the allocator fragmented: start afresh
@@ -206,10 +210,10 @@ class DecodePool:
                 f"the decoder stopped after {time.monotonic() - started:.1f} s "
                 "(memory limit or crash)"
             ) from None
-        if worker.process.poll() is None:
+        if header.get("exiting") or worker.process.poll() is not None:
+            self._replace(worker)  # it answered, then exits (after a MemoryError)
+        else:
             self._idle.put(worker)
-        else:  # it answered, then exited (after a MemoryError)
-            self._replace(worker)
         if "error" in header:
             raise _ERRORS.get(str(header["error"]), ImageDecodeError)(str(header.get("message")))
         return _checked_image(header, pixels, max_pixels, short_side)

@@ -43,11 +43,7 @@ class RequestIndex:
         horizon = datetime.now(UTC) - max_age
         for closed, rotated in rotated_files(self.path):
             if closed >= horizon:
-                try:
-                    with rotated.open("rb") as handle:
-                        self._ingest(handle.read())
-                except FileNotFoundError:
-                    continue
+                self._ingest_file(rotated)
         self._catch_up()
 
     def lookup(self, request_id: str) -> RequestEntry | None:
@@ -84,19 +80,47 @@ class RequestIndex:
         self._pending = b""
 
     def _catch_up(self) -> None:
-        """Reads what was appended; after a rotation, the old file's rest, then the new file."""
+        """Reads what was appended; after rotations, the old file's rest, the files rotated
+        since, then the new file."""
         if self._handle is not None:
             self._ingest(self._handle.read())
         try:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:
             return
-        if self._handle is None or os.fstat(self._handle.fileno()).st_ino != current:
-            if self._handle is not None:
-                self._handle.close()
-            self._open_current()
-            if self._handle is not None:
-                self._ingest(self._handle.read())
+        if self._handle is not None and os.fstat(self._handle.fileno()).st_ino == current:
+            return
+        followed = os.fstat(self._handle.fileno()).st_ino if self._handle is not None else None
+        if self._handle is not None:
+            self._handle.close()
+        self._ingest_rotated_after(followed)
+        self._open_current()
+        if self._handle is not None:
+            self._ingest(self._handle.read())
+
+    def _ingest_rotated_after(self, followed: int | None) -> None:
+        """The rotated files newer than the one we followed (all recent ones if it is gone)."""
+        horizon = datetime.now(UTC) - self.max_age
+        rotated = [(closed, p) for closed, p in rotated_files(self.path) if closed >= horizon]
+        inodes = []
+        for _, path in rotated:
+            try:
+                inodes.append(path.stat().st_ino)
+            except FileNotFoundError:
+                inodes.append(None)
+        start = inodes.index(followed) + 1 if followed in inodes else 0
+        for _, path in rotated[start:]:
+            self._ingest_file(path)
+
+    def _ingest_file(self, path: Path) -> None:
+        """A whole closed file (rotated: complete lines only)."""
+        saved, self._pending = self._pending, b""
+        try:
+            with path.open("rb") as handle:
+                self._ingest(handle.read() + b"\n")
+        except FileNotFoundError:
+            pass
+        self._pending = saved
 
     def _ingest(self, data: bytes) -> None:
         data = self._pending + data

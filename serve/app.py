@@ -6,8 +6,9 @@ explainer.
               `-> AttentionExplainer  (attention rollout overlay PNG, /explain only)
 
 `serve run serve/config.yaml` (from the repository root) or `serve.run(app({"model_dir": ...}))`.
-`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded in the ingress, so hostile bytes
-never reach a model replica, and the replicas exchange small tensors. Backpressure: past
+`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded by the ingress, in worker
+processes with time and memory limits (vitbirds/data/sandbox.py), so hostile bytes never reach a
+model replica, and the replicas exchange small tensors. Backpressure: past
 `max_queued_requests` the proxy (for the ingress) or the ingress (for the classifier) answers 503
 at once instead of letting a queue grow without bound. The ingress also re-assesses its own
 prediction log every few minutes (serve/drift_gauges.py) and exports the monitoring job's headline
@@ -402,7 +403,8 @@ class Ingress:
             _drift_gauge(name).set(value, tags={"model_version": self.metadata.version})
 
     async def _decode(self, decoder: Callable[[bytes], T], data: bytes) -> T:
-        """Runs a decoder in a worker thread (Pillow releases the GIL); bad images become 4xx."""
+        """Runs a decoder in a thread (which waits on a sandboxed decode worker, or decodes itself
+        when `decode_workers` is 0); bad images become 4xx."""
         try:
             return await asyncio.to_thread(decoder, data)
         except ImageDecodeError as exc:

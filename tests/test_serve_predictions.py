@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitbirds.monitoring import predictions
 from vitbirds.monitoring.predictions import (
     EMBEDDING_DIM,
     LOG_PATH_ENV,
@@ -125,20 +126,26 @@ def test_the_log_rotates_by_size_and_keeps_only_the_newest_files(tmp_path):
     assert len(kept) < 20
 
 
-def test_the_log_rotates_when_its_first_record_is_too_old(tmp_path):
+def test_the_log_rotates_by_age_on_the_wall_clock(tmp_path, monkeypatch):
     log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_age_s=3600))
-    log.append(_prediction("old", time=datetime.now(UTC) - timedelta(hours=2)))
-    log.append(_prediction("new"))
+    log.append(_prediction("first"))
+    log.append(_prediction("back-dated", time=datetime.now(UTC) - timedelta(days=30)))
+    assert rotated_files(log.path) == []  # old record times alone do not rotate
+    real_time = time.time()
+    monkeypatch.setattr(predictions.time, "time", lambda: real_time + 7200)
+    log.append(_prediction("two hours later"))
     assert len(rotated_files(log.path)) == 1
-    assert [r.request_id for r in read_log(log.path).predictions] == ["old", "new"]
-    log.append(_prediction("newer"))  # the current file is young: no rotation
-    assert len(rotated_files(log.path)) == 1
+    assert [r.request_id for r in read_log(log.path).predictions] == [
+        "first",
+        "back-dated",
+        "two hours later",
+    ]
 
 
 def test_read_recent_stops_at_the_files_older_than_the_window(tmp_path):
     """Three rotated files a day apart; a one-hour window reads only the newest file, unless
     it must reach back for `min_predictions`."""
-    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=10**9, max_age_s=1))
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=4 * _RECORD_BYTES))
     now = datetime.now(UTC)
     for day in (3, 2, 1):
         log.append(*[_prediction(f"d{day}-{i}", time=now - timedelta(days=day)) for i in range(3)])

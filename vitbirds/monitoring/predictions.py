@@ -21,8 +21,8 @@ interleave; the reader skips lines it cannot parse (a writer killed mid-line) an
 Serve appends from a background thread (`BackgroundPredictionLog`) so a slow disk or a FUSE
 bucket mount never stalls a request, and records that queue up meanwhile go out in one write.
 
-The log is bounded (`LogRotation`): when the file would pass `max_bytes`, or its first record is
-older than `max_age_s`, it is renamed `predictions.<UTC time of the rename>.jsonl` and a new one
+The log is bounded (`LogRotation`): when the file would pass `max_bytes`, or was begun more than
+`max_age_s` ago, it is renamed `predictions.<UTC time of the rename>.jsonl` and a new one
 begun; only the newest `keep` renamed files are kept. Serve stores a fixed `LOGGED_TOP_K` classes
 per record whatever the client asked. `read_log` reads the whole set in time order (the monitoring
 job); `read_recent` reads newest-first only the files that cover the window being assessed.
@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -122,7 +123,7 @@ Record = PredictionRecord | FeedbackRecord
 @dataclass
 class LogRotation:
     max_bytes: int = 64 * 1024 * 1024  # about 60,000 predictions
-    max_age_s: float = 24 * 3600.0  # a file's first record older than this: rotate
+    max_age_s: float = 24 * 3600.0  # a file begun longer ago than this (wall clock): rotate
     keep: int = 14  # rotated files kept; older ones are deleted
 
 
@@ -156,6 +157,7 @@ class PredictionLog:
         self.rotation = rotation or LogRotation()
         self._lock = threading.Lock()
         self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._current: tuple[int, float] | None = None  # (inode, wall-clock time it was begun)
 
     def append(self, *records: Record) -> None:
         text = "".join(json.dumps(asdict(r), separators=(",", ":")) + "\n" for r in records)
@@ -167,18 +169,28 @@ class PredictionLog:
 
     def _rotate_if_due(self, incoming: int) -> None:
         try:
-            size = self.path.stat().st_size
+            stat = self.path.stat()
         except FileNotFoundError:
             return
-        if size == 0:
+        if stat.st_size == 0:
             return
-        too_big = size + incoming > self.rotation.max_bytes
-        if not too_big and _age_s(self.path) <= self.rotation.max_age_s:
+        too_big = stat.st_size + incoming > self.rotation.max_bytes
+        too_old = time.time() - self._began(stat.st_ino) > self.rotation.max_age_s
+        if not (too_big or too_old):
             return
         stamp = datetime.now(UTC).strftime(_ROTATED_STAMP)
         self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
         for _, old in rotated_files(self.path)[: -self.rotation.keep or None]:
             old.unlink(missing_ok=True)
+
+    def _began(self, inode: int) -> float:
+        """When the current file was begun, by the wall clock (records may carry other times):
+        the last rotation's time, else when this process first saw the file."""
+        if self._current is None or self._current[0] != inode:
+            rotated = rotated_files(self.path)
+            began = rotated[-1][0].timestamp() if rotated else time.time()
+            self._current = (inode, began)
+        return self._current[1]
 
 
 def parse_time(text: object) -> datetime | None:
@@ -188,19 +200,6 @@ def parse_time(text: object) -> datetime | None:
     except (TypeError, ValueError):
         return None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _age_s(path: Path) -> float:
-    """Seconds since the file's first record (its modification time if that is unreadable)."""
-    with path.open("rb") as handle:
-        first = handle.readline(1 << 16)
-    try:
-        started = parse_time(json.loads(first)["time"])
-    except (ValueError, KeyError, TypeError):
-        started = None
-    if started is None:
-        return datetime.now(UTC).timestamp() - path.stat().st_mtime
-    return (datetime.now(UTC) - started).total_seconds()
 
 
 class BackgroundPredictionLog:

@@ -25,12 +25,19 @@ from PIL import Image
 from ray import serve
 from starlette.requests import Request
 
-from serve.app import InputRejected, _check_write_token
+from serve.app import InputRejected, _check_write_token, _decode_rejection
 from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
+from vitbirds.errors import (
+    DecodeBudgetExceeded,
+    ExtremeAspectRatio,
+    ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedImageFormat,
+)
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
 from vitbirds.monitoring.reference import (
@@ -302,6 +309,23 @@ def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline
     good = post_image(url, photo)
     assert good.status_code == 200
     assert_matches_offline(good.json()["predictions"], offline_probabilities(offline, photo))
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        (UnsupportedImageFormat("FITS"), 415, "unsupported_format"),
+        (ImageTooLarge("refused, declared size 9x9"), 413, "too_many_pixels"),
+        (ExtremeAspectRatio("refused, aspect ratio 99:1"), 422, "extreme_aspect_ratio"),
+        (DecodeBudgetExceeded("decoding took over 5 s"), 422, "decode_budget_exceeded"),
+        (ImageDecodeError("<bytes>: not an image of an allowed format"), 422, "not_an_image"),
+        (ImageDecodeError("<bytes>: cannot decode pixels"), 422, "undecodable_image"),
+    ],
+)
+def test_each_decode_refusal_has_its_status_and_reason(error, status, reason):
+    rejection = _decode_rejection(error)
+    assert (rejection.status, rejection.reason) == (status, reason)
+    assert "<bytes>" not in rejection.message
 
 
 def test_oversized_body_is_refused_before_it_is_sent(url):

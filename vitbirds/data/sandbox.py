@@ -224,8 +224,13 @@ class DecodePool:
 
         def restart() -> None:
             worker.kill()
-            if not self._closed:
-                self._idle.put(_Worker(self.config.memory_bytes))
+            while not self._closed:
+                try:
+                    self._idle.put(_Worker(self.config.memory_bytes))
+                    return
+                except OSError:  # e.g. out of processes or file descriptors: try again
+                    logger.exception("cannot start a decode worker; retrying in 1 s")
+                    time.sleep(1.0)
 
         threading.Thread(target=restart, name="decode-worker-restart", daemon=True).start()
 

@@ -6,8 +6,9 @@ explainer.
               `-> AttentionExplainer  (attention rollout overlay PNG, /explain only)
 
 `serve run serve/config.yaml` (from the repository root) or `serve.run(app({"model_dir": ...}))`.
-`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded in the ingress, so hostile bytes
-never reach a model replica, and the replicas exchange small tensors. Backpressure: past
+`$VITBIRDS_MODEL_DIR` overrides `model_dir`. Uploads are decoded by the ingress, in worker
+processes with time and memory limits (vitbirds/data/sandbox.py), so hostile bytes never reach a
+model replica, and the replicas exchange small tensors. Backpressure: past
 `max_queued_requests` the proxy (for the ingress) or the ingress (for the classifier) answers 503
 at once instead of letting a queue grow without bound. The ingress also re-assesses its own
 prediction log every few minutes (serve/drift_gauges.py) and exports the monitoring job's headline
@@ -16,9 +17,12 @@ numbers as Prometheus gauges and at `GET /drift`.
 
 import asyncio
 import base64
+import hmac
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +31,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics
@@ -45,6 +50,8 @@ from serve.inference import (
     top_k,
 )
 from serve.schemas import (
+    FEEDBACK_MAX_BYTES,
+    WRITE_TOKEN_ENV,
     BatchStats,
     DriftStatus,
     ErrorResponse,
@@ -56,16 +63,28 @@ from serve.schemas import (
     PredictResponse,
     ServeSettings,
 )
+from vitbirds.data.images import load_rgb
+from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.devices import resolve_device
-from vitbirds.errors import ImageDecodeError
+from vitbirds.errors import (
+    DecodeBudgetExceeded,
+    ExtremeAspectRatio,
+    ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedImageFormat,
+)
 from vitbirds.model.files import fetch_model_dir, load_model, read_metadata
 from vitbirds.monitoring.predictions import (
+    LOGGED_TOP_K,
     BackgroundPredictionLog,
     FeedbackRecord,
+    LogRotation,
     PredictionLog,
     PredictionRecord,
     log_path,
+    parse_time,
 )
+from vitbirds.monitoring.request_index import RequestIndex
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -146,7 +165,8 @@ api = FastAPI(
 
 @api.exception_handler(InputRejected)
 async def _input_rejected(_: Request, exc: InputRejected) -> JSONResponse:
-    return _error(exc.status, exc.reason, exc.message)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return _error(exc.status, exc.reason, exc.message, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -170,11 +190,32 @@ def _unavailable(exc: BackPressureError | RayActorError) -> JSONResponse:
 
 def _decode_rejection(error: ImageDecodeError) -> InputRejected:
     message = str(error).removeprefix("<bytes>: ")
-    if "too many pixels" in message or "max_pixels" in message:
+    if isinstance(error, UnsupportedImageFormat):
+        return InputRejected(415, "unsupported_format", message)
+    if isinstance(error, ImageTooLarge):
         return InputRejected(413, "too_many_pixels", message)
+    if isinstance(error, ExtremeAspectRatio):
+        return InputRejected(422, "extreme_aspect_ratio", message)
+    if isinstance(error, DecodeBudgetExceeded):
+        return InputRejected(422, "decode_budget_exceeded", message)
     if "not an image" in message:
         return InputRejected(422, "not_an_image", message)
     return InputRejected(422, "undecodable_image", message)
+
+
+def _check_write_token(request: Request) -> None:
+    """401 unless the request carries $VITBIRDS_WRITE_TOKEN (when that is set) as a Bearer
+    token; compared in constant time so the response time says nothing about the token."""
+    expected = os.environ.get(WRITE_TOKEN_ENV)
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise InputRejected(
+            401, "unauthorized", "this endpoint needs 'Authorization: Bearer <token>'"
+        )
 
 
 async def _limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -293,6 +334,13 @@ _UPLOAD_BODY = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)
 }
+_FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 422)
+}
+_FEEDBACK_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+}
 _TOP_K = Query(None, ge=1, le=MAX_TOP_K, description="How many classes (default 5)")
 
 
@@ -314,12 +362,28 @@ class Ingress:
         self.settings = settings
         local_dir = fetch_model_dir(settings.model_dir)
         self.metadata = read_metadata(local_dir)
+        self.decode_pool = (
+            DecodePool(
+                SandboxConfig(
+                    workers=settings.decode_workers,
+                    timeout_s=settings.decode_timeout_s,
+                    memory_bytes=settings.decode_memory_mb * 1024 * 1024,
+                )
+            )
+            if settings.decode_workers
+            else None
+        )
         self.preprocessor = ImagePreprocessor(
-            self.metadata, max_pixels=settings.max_pixels, display_size=settings.display_size
+            self.metadata,
+            max_pixels=settings.max_pixels,
+            display_size=settings.display_size,
+            decoder=self.decode_pool.decode if self.decode_pool else load_rgb,
         )
+        rotation = LogRotation(settings.log_max_bytes, settings.log_max_age_s, settings.log_keep)
         self.log = BackgroundPredictionLog(
-            PredictionLog(log_path(local_dir, settings.prediction_log))
+            PredictionLog(log_path(local_dir, settings.prediction_log), rotation)
         )
+        self.requests = RequestIndex(self.log.path, timedelta(seconds=settings.feedback_max_age_s))
         self.index_html = (STATIC_DIR / "index.html").read_text()
         self.drift = DriftWatcher(
             local_dir,
@@ -329,6 +393,7 @@ class Ingress:
             window=settings.drift_window,
             interval_s=settings.drift_interval_s,
             publish=self._publish_drift,
+            min_refresh_interval_s=settings.drift_refresh_min_interval_s,
         )
         self.drift.start()
         logger.info("Ingress: prediction log %s", self.log.path)
@@ -338,31 +403,33 @@ class Ingress:
             _drift_gauge(name).set(value, tags={"model_version": self.metadata.version})
 
     async def _decode(self, decoder: Callable[[bytes], T], data: bytes) -> T:
-        """Runs a decoder in a worker thread (Pillow releases the GIL); bad images become 4xx."""
+        """Runs a decoder in a thread (which waits on a sandboxed decode worker, or decodes itself
+        when `decode_workers` is 0); bad images become 4xx."""
         try:
             return await asyncio.to_thread(decoder, data)
         except ImageDecodeError as exc:
             raise _decode_rejection(exc) from exc
 
     def _record(self, output: ClassifierOutput, k: int | None, endpoint: str) -> PredictResponse:
-        """The response for one prediction; appends it to the log and the metrics."""
+        """The response for one prediction; appends it (with LOGGED_TOP_K classes, whatever k
+        the client asked for) to the log and the metrics."""
         request_id = uuid.uuid4().hex
-        predictions = top_k(
-            output.probabilities, self.metadata.class_names, k or self.settings.default_top_k
-        )
+        k = k or self.settings.default_top_k
+        ranked = top_k(output.probabilities, self.metadata.class_names, max(k, LOGGED_TOP_K))
+        predictions = ranked[:k]
         best = predictions[0]
-        self.log.submit(
-            PredictionRecord(
-                request_id=request_id,
-                model_name=self.metadata.name,
-                model_version=self.metadata.version,
-                label=best["label"],
-                confidence=best["probability"],
-                top_k=predictions,
-                embedding=output.embedding,
-                endpoint=endpoint,
-            )
+        record = PredictionRecord(
+            request_id=request_id,
+            model_name=self.metadata.name,
+            model_version=self.metadata.version,
+            label=best["label"],
+            confidence=best["probability"],
+            top_k=ranked[:LOGGED_TOP_K],
+            embedding=output.embedding,
+            endpoint=endpoint,
         )
+        self.requests.add(request_id, parse_time(record.time) or datetime.now(UTC))
+        self.log.submit(record)
         _predictions_by_class().inc(tags={"label": best["label"]})
         _confidence().observe(best["probability"])
         return PredictResponse(
@@ -415,12 +482,41 @@ class Ingress:
             return ExplainResponse(**response.model_dump(), overlay_png_base64=overlay)
         return Response(png, media_type="image/png", headers={"X-Request-Id": response.request_id})
 
-    @api.post("/feedback", response_model=FeedbackResponse, status_code=202, responses=_ERRORS)
-    async def feedback(self, body: FeedbackRequest) -> Any:
-        """Attach the true label to an earlier prediction (by its request_id)."""
+    @api.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        status_code=202,
+        responses=_FEEDBACK_ERRORS,
+        openapi_extra={"requestBody": _FEEDBACK_BODY},
+    )
+    async def feedback(self, request: Request) -> Any:
+        """Attach the true label to a recent prediction (by its request_id), once.
+
+        Needs `Authorization: Bearer <token>` when $VITBIRDS_WRITE_TOKEN is set."""
+        _check_write_token(request)
+        data = b"".join([chunk async for chunk in _limited_body(request, FEEDBACK_MAX_BYTES)])
+        try:
+            body = FeedbackRequest.model_validate_json(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            raise InputRejected(422, "invalid_request", problems) from exc
         if body.label not in self.metadata.class_names:
             raise InputRejected(
                 422, "unknown_label", f"{body.label!r} is not one of the model's classes"
+            )
+        entry = await asyncio.to_thread(self.requests.lookup, body.request_id)
+        if entry is None:
+            age = timedelta(seconds=self.settings.feedback_max_age_s)
+            raise InputRejected(
+                404,
+                "unknown_request_id",
+                f"no prediction with request_id {body.request_id!r} in the last {age}",
+            )
+        if not self.requests.mark_labelled(body.request_id):
+            raise InputRejected(
+                409, "already_labelled", f"request_id {body.request_id!r} already has a label"
             )
         self.log.submit(FeedbackRecord(request_id=body.request_id, label=body.label))
         return FeedbackResponse(request_id=body.request_id, label=body.label)
@@ -439,11 +535,17 @@ class Ingress:
             classifier=stats,
         )
 
-    @api.get("/drift", response_model=DriftStatus)
-    async def drift(self, refresh: bool = False) -> DriftStatus:
+    @api.get("/drift", response_model=DriftStatus, responses={429: {"model": ErrorResponse}})
+    async def drift(self, refresh: bool = False) -> Any:
         """The latest live drift assessment of the prediction log (serve/drift_gauges.py);
-        `refresh=true` assesses the latest window now instead of waiting for the next round."""
+        `refresh=true` assesses the latest window now instead of waiting for the next round,
+        at most once per `drift_refresh_min_interval_s` (else 429 with Retry-After)."""
         if refresh:
+            wait_s = self.drift.refresh_wait_s()
+            if wait_s > 0:
+                retry = str(max(1, round(wait_s + 0.5)))
+                message = f"the drift was assessed moments ago; retry in {retry} s"
+                return _error(429, "refresh_too_soon", message, headers={"Retry-After": retry})
             return DriftStatus(**await asyncio.to_thread(self.drift.assess_once))
         return DriftStatus(**self.drift.latest)
 

@@ -5,10 +5,14 @@ The numbers are `vitbirds.monitoring.assess.headline_gauges` of the same assessm
 `jobs/monitor.py --prediction-log LOG --window W` makes, so a dashboard and the job's monitor.json
 agree on the same window. The work runs in a daemon thread (numpy and scipy release the GIL for
 most of it), so requests never wait for it; the job stays the place for reports and retraining.
+Each assessment reads only the newest log files that cover its window (`read_recent`), and an
+assessment on request (`GET /drift?refresh=true`, open to anyone) is refused while the last one
+is younger than `min_refresh_interval_s`.
 """
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +27,7 @@ from vitbirds.monitoring.assess import (
     parse_window,
     recent,
 )
-from vitbirds.monitoring.predictions import read_log
+from vitbirds.monitoring.predictions import read_recent
 from vitbirds.monitoring.reference import ReferenceProfile, load_reference_profile
 
 logger = logging.getLogger("ray.serve")
@@ -52,6 +56,7 @@ class DriftWatcher:
         interval_s: float,
         publish: Publish,
         config: MonitorConfig | None = None,
+        min_refresh_interval_s: float = 30.0,
     ) -> None:
         self.log_path = Path(log_path)
         self.model_version = model_version
@@ -59,6 +64,8 @@ class DriftWatcher:
         self.window = parse_window(window)
         self.interval_s = interval_s
         self.publish = publish
+        self.min_refresh_interval_s = min_refresh_interval_s
+        self._last_started: float | None = None  # time.monotonic() of the last assessment
         self.config = config or MonitorConfig()
         self.profile: ReferenceProfile | None = None
         self.latest: dict[str, Any] = {"status": "pending", "reasons": ["no assessment yet"]}
@@ -71,6 +78,13 @@ class DriftWatcher:
             self.latest = {"status": "disabled", "reasons": [str(error)]}
             logger.warning("drift gauges disabled: %s", error)
 
+    def refresh_wait_s(self) -> float:
+        """Seconds before an assessment on request is allowed again (0: now)."""
+        if self._last_started is None:
+            return 0.0
+        elapsed = time.monotonic() - self._last_started
+        return max(0.0, self.min_refresh_interval_s - elapsed)
+
     def assess_once(self) -> dict[str, Any]:
         """One assessment of the latest window; updates `latest` and the gauges, returns it.
 
@@ -80,6 +94,7 @@ class DriftWatcher:
         if self.profile is None or not self._busy.acquire(blocking=False):
             return self.latest
         try:
+            self._last_started = time.monotonic()
             return self._assess()
         except DataError as error:  # e.g. log embeddings that do not fit the reference's
             self.latest = {"status": "error", "reasons": [str(error)]}
@@ -88,7 +103,12 @@ class DriftWatcher:
             self._busy.release()
 
     def _assess(self) -> dict[str, Any]:
-        contents = read_log(self.log_path)
+        contents = read_recent(
+            self.log_path,
+            self.window,
+            min_predictions=self.config.min_samples,
+            model_version=self.model_version,
+        )
         try:
             observed = Observations.from_log(
                 contents, self.class_names, model_version=self.model_version

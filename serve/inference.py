@@ -7,10 +7,12 @@ Photos are decoded exactly as training and evaluation decode them (`load_rgb` at
 `jobs/evaluate.py` would make for the same file.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
@@ -22,8 +24,15 @@ _IDENTITY_MEAN = (0.0, 0.0, 0.0)
 _IDENTITY_STD = (1.0, 1.0, 1.0)
 
 
+Decoder = Callable[..., Image.Image]  # load_rgb's signature for bytes: (data, *, max_pixels, ...)
+
+
 class ImagePreprocessor:
-    """Decodes uploads for one model; raises ImageDecodeError saying why a file is refused."""
+    """Decodes uploads for one model; raises ImageDecodeError saying why a file is refused.
+
+    `decoder` is `load_rgb` (in this process) by default; Serve passes a sandboxed pool's
+    `decode` (vitbirds/data/sandbox.py), which runs the same function under time/memory limits.
+    """
 
     def __init__(
         self,
@@ -31,8 +40,10 @@ class ImagePreprocessor:
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         display_size: int = 224,
+        decoder: Decoder = load_rgb,
     ) -> None:
         self.max_pixels = max_pixels
+        self.decoder = decoder
         self.decode_size = round(metadata.image_size * EVAL_RESIZE_SCALE)
         self.transform = eval_transform(metadata.image_size, metadata.mean, metadata.std)
         self.display_decode_size = round(display_size * EVAL_RESIZE_SCALE)
@@ -42,12 +53,12 @@ class ImagePreprocessor:
 
     def model_input(self, data: bytes) -> torch.Tensor:
         """[3, image_size, image_size] float, normalised as in training."""
-        image = load_rgb(data, max_pixels=self.max_pixels, short_side=self.decode_size)
+        image = self.decoder(data, max_pixels=self.max_pixels, short_side=self.decode_size)
         return self.transform(image)
 
     def display_image(self, data: bytes) -> np.ndarray:
         """uint8 [display_size, display_size, 3]: the model's crop at display resolution."""
-        image = load_rgb(data, max_pixels=self.max_pixels, short_side=self.display_decode_size)
+        image = self.decoder(data, max_pixels=self.max_pixels, short_side=self.display_decode_size)
         return denormalize(self.display_transform(image), _IDENTITY_MEAN, _IDENTITY_STD)
 
 

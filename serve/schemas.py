@@ -15,6 +15,9 @@ from vitbirds.errors import ConfigError
 from vitbirds.monitoring.assess import parse_window
 
 MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
+# When set (e.g. from a Kubernetes Secret), POST /feedback needs "Authorization: Bearer <token>".
+WRITE_TOKEN_ENV = "VITBIRDS_WRITE_TOKEN"
+FEEDBACK_MAX_BYTES = 4096  # a request id and a class name: larger /feedback bodies get 413
 
 
 @dataclass
@@ -25,6 +28,11 @@ class ServeSettings:
     prediction_log: str | None = None  # None: beside the model dir; $VITBIRDS_PREDICTION_LOG wins
     max_body_bytes: int = 10 * 1024 * 1024  # larger uploads get 413 before being read
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413 before being decoded
+    # Uploads decode in worker processes (vitbirds/data/sandbox.py): this many at once per
+    # Ingress replica, each stopped past the time or above the memory (0 workers: in-process).
+    decode_workers: int = 2
+    decode_timeout_s: float = 5.0
+    decode_memory_mb: int = 1024
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
     torch_threads: int | None = None  # None: torch's default (Ray sets it from num_cpus)
@@ -34,15 +42,27 @@ class ServeSettings:
     # `jobs/monitor.py --window` does.
     drift_interval_s: float = 300.0
     drift_window: str = "1h"
+    drift_refresh_min_interval_s: float = 30.0  # GET /drift?refresh=true more often: 429
+    # The prediction log rotates past either bound, keeping `log_keep` old files.
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_max_age_s: float = 24 * 3600.0
+    log_keep: int = 14
+    feedback_max_age_s: float = 24 * 3600.0  # labels for older predictions are refused
 
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
-        for name in ("max_body_bytes", "max_pixels", "default_top_k", "display_size"):
+        positive = ("max_body_bytes", "max_pixels", "default_top_k", "display_size")
+        positive += ("decode_timeout_s", "decode_memory_mb", "log_max_bytes", "log_max_age_s")
+        positive += ("log_keep", "feedback_max_age_s")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ConfigError(f"torch_threads must be positive, got {self.torch_threads}")
+        for name in ("decode_workers", "drift_refresh_min_interval_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.drift_interval_s < 0:
             raise ConfigError(f"drift_interval_s must be >= 0, got {self.drift_interval_s}")
         parse_window(self.drift_window)  # ConfigError naming the bad value
@@ -84,7 +104,9 @@ class ExplainResponse(PredictResponse):
 
 class FeedbackRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=128)
-    label: str = Field(min_length=1, description="The true class name, one of GET /model's classes")
+    label: str = Field(
+        min_length=1, max_length=256, description="The true class name, one of GET /model's classes"
+    )
 
 
 class FeedbackResponse(BaseModel):

@@ -238,8 +238,16 @@ def test_every_rayservice_pod_runs_serve_in_the_benchmarked_throughput_mode():
     from serve.testing import SERVE_MODES
 
     for where, _, container in _containers(_rayservice()):
-        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert SERVE_MODES["haproxy"].items() <= env.items(), where
+
+
+def test_every_rayservice_pod_reads_the_write_token_from_a_secret_not_the_manifest():
+    for where, _, container in _containers(_rayservice()):
+        env = {e["name"]: e for e in container.get("env", [])}
+        token = env["VITBIRDS_WRITE_TOKEN"]
+        assert "value" not in token, where
+        assert token["valueFrom"]["secretKeyRef"]["name"] == "vitbirds-write-token", where
 
 
 def test_serve_import_path_names_a_module_in_the_repo():

@@ -1,6 +1,7 @@
 """`load_rgb`: every kind of image becomes an upright RGB picture, every bad file a clear error."""
 
 import io
+import random
 import struct
 import zlib
 
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitbirds.data.images import load_rgb
-from vitbirds.errors import ImageDecodeError
+from jobs.benchlib.mutate import mutations, seed_images
+from vitbirds.data.images import MAX_ASPECT_RATIO, load_rgb, resized_size
+from vitbirds.data.sandbox import DecodePool, SandboxConfig
+from vitbirds.errors import (
+    DecodeBudgetExceeded,
+    ExtremeAspectRatio,
+    ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedImageFormat,
+)
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -145,3 +154,123 @@ def test_bad_files_raise_image_decode_error_with_reason(tmp_path, content, reaso
 def test_missing_file_raises_image_decode_error(tmp_path):
     with pytest.raises(ImageDecodeError, match="cannot read"):
         load_rgb(tmp_path / "missing.jpg")
+
+
+# --- the decode budget -------------------------------------------------------------------------
+
+
+def _rle8_bmp() -> bytes:
+    """An 8-bit BMP whose header says RLE8 (compression 1): Pillow would decode it in Python."""
+    data = bytearray(_encode(Image.new("P", (8, 8)), "BMP"))
+    data[30:34] = struct.pack("<I", 1)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_allowed_format_decodes(fmt):
+    image = Image.effect_noise((40, 30), 40).convert("RGB")
+    assert load_rgb(_encode(image.convert("P") if fmt == "GIF" else image, fmt)).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (_rle8_bmp(), "BMP with compression 1"),
+        (b"SIMPLE  =                    T" + b" " * 2850, "FITS"),
+        (b"8BPS\x00\x01" + b"\x00" * 64, "PSD"),
+        (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 64, "HEIC"),
+    ],
+)
+def test_formats_outside_the_allow_list_are_refused_before_decoding(data, named):
+    with pytest.raises(UnsupportedImageFormat, match=named):
+        load_rgb(data)
+
+
+def test_extreme_aspect_ratio_is_refused_from_the_header():
+    """138 bytes declaring 1 x 5,000,000: under the pixel budget, but resizing its short side to
+    the model's size would make the long side 1.3 billion pixels."""
+    data = _png_header_only(1, 5_000_000)
+    assert len(data) < 200
+    with pytest.raises(ExtremeAspectRatio, match="1x5000000"):
+        load_rgb(data, short_side=258)
+
+
+def test_aspect_ratio_up_to_the_bound_is_accepted_and_resized_within_budget():
+    image = load_rgb(_encode(Image.new("RGB", (100, 10))), short_side=20)
+    assert image.size == (20 * MAX_ASPECT_RATIO, 20)
+    with pytest.raises(ImageTooLarge, match="would give"):
+        resized_size(1, 100, 258)
+
+
+def test_declared_size_bomb_is_too_large_not_merely_undecodable():
+    with pytest.raises(ImageTooLarge):
+        load_rgb(_png_header_only(8500, 8500))
+
+
+def test_seeded_mutations_of_every_allowed_format_raise_only_image_decode_errors():
+    """300+ truncations, header bit flips, rewritten dimensions and lying chunk lengths: each
+    decodes to a budgeted RGB image or raises ImageDecodeError (Serve's 4xx), nothing else."""
+    rng = random.Random(15)
+    seeds = seed_images(Image.effect_noise((48, 36), 60).convert("RGB"))
+    outcomes: dict[str, int] = {}
+    for data in seeds.values():
+        for _, mutant in mutations(data, rng, 45):
+            try:
+                image = load_rgb(mutant, max_pixels=1_000_000, short_side=24)
+            except ImageDecodeError as error:
+                outcome = type(error).__name__
+            else:
+                assert image.mode == "RGB" and min(image.size) == 24
+                assert max(image.size) <= 24 * MAX_ASPECT_RATIO
+                outcome = "decoded"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert sum(outcomes.values()) == 45 * len(seeds)
+    assert {"decoded", "ImageDecodeError", "ImageTooLarge", "ExtremeAspectRatio"} <= set(outcomes)
+
+
+# --- the sandboxed decoder ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = DecodePool(SandboxConfig(workers=1, timeout_s=10.0, memory_bytes=64 * 1024 * 1024))
+    yield pool
+    pool.close()
+
+
+def test_sandboxed_decode_equals_in_process_decode(pool, shared_data):
+    photo = next((shared_data / "cub100" / "valid").glob("*/*.jpg")).read_bytes()
+    expected = load_rgb(photo, short_side=258)
+    assert np.array_equal(np.asarray(pool.decode(photo, short_side=258)), np.asarray(expected))
+
+
+def test_sandboxed_decode_raises_the_same_error_types(pool):
+    with pytest.raises(UnsupportedImageFormat, match="FITS"):
+        pool.decode(b"SIMPLE  =                    T")
+    with pytest.raises(ExtremeAspectRatio):
+        pool.decode(_png_header_only(1, 5_000_000), short_side=258)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        pool.decode(b"hello")
+
+
+def test_a_file_over_the_memory_limit_costs_only_its_worker(pool):
+    """64 MiB of address space cannot hold a 6000x6000 RGBA PNG (144 MB of pixels): the worker
+    fails alone, a fresh one takes its place, and the next photo decodes."""
+    big = _encode(Image.new("RGBA", (6000, 6000), (1, 2, 3, 4)))
+    with pytest.raises(DecodeBudgetExceeded):
+        pool.decode(big, short_side=32)
+    small = _encode(Image.new("RGB", (40, 30), (9, 9, 9)))
+    assert pool.decode(small).size == (40, 30)
+
+
+def test_a_decode_past_the_time_limit_is_stopped():
+    """A zero time limit: no decode can answer in time, so the worker is killed and replaced."""
+    pool = DecodePool(SandboxConfig(workers=1, timeout_s=0.0))
+    try:
+        image = _encode(Image.effect_noise((2000, 2000), 50).convert("RGB"))
+        with pytest.raises(DecodeBudgetExceeded, match="took over 0 s"):
+            pool.decode(image)
+        pool.config.timeout_s = 30.0
+        assert pool.decode(_encode(Image.new("RGB", (8, 8)))).size == (8, 8)
+    finally:
+        pool.close()

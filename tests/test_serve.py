@@ -23,14 +23,23 @@ import requests
 import torch
 from PIL import Image
 from ray import serve
+from starlette.requests import Request
 
-from serve.schemas import ServeSettings
+from serve.app import InputRejected, _check_write_token, _decode_rejection
+from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
+from vitbirds.errors import (
+    DecodeBudgetExceeded,
+    ExtremeAspectRatio,
+    ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedImageFormat,
+)
 from vitbirds.model.files import LoadedModel, load_model
-from vitbirds.monitoring.predictions import EMBEDDING_DIM, read_log
+from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
 from vitbirds.monitoring.reference import (
     build_reference_profile,
     samples_for_model,
@@ -147,6 +156,13 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def rle8_bmp() -> bytes:
+    """A BMP whose header says RLE8: a format Pillow decodes in pure Python."""
+    data = bytearray(encode(Image.new("P", (8, 8)), "BMP"))
+    data[30:34] = struct.pack("<I", 1)
+    return bytes(data)
+
+
 # --- predictions -------------------------------------------------------------------------------
 
 
@@ -257,6 +273,8 @@ def raw(data: bytes, content_type: str = "image/jpeg", **extra) -> dict:
     return {"data": data, "headers": {"content-type": content_type}, **extra}
 
 
+FITS = b"SIMPLE  =                    T" + b" " * 2850
+
 # name -> (requests.post keyword arguments given a real photo, status, reason)
 HOSTILE = {
     "not_an_image": (lambda p: upload(b"just some text"), 422, "not_an_image"),
@@ -273,6 +291,10 @@ HOSTILE = {
     "file_sent_as_text_field": (lambda p: upload(p, name=None), 400, "missing_file"),
     "multipart_without_boundary": (lambda p: raw(p, "multipart/form-data"), 400, "bad_multipart"),
     "bad_top_k": (lambda p: raw(p, params={"top_k": 0}), 422, "invalid_request"),
+    "rle_bmp": (lambda p: upload(rle8_bmp()), 415, "unsupported_format"),
+    "fits": (lambda p: upload(FITS), 415, "unsupported_format"),
+    "tall_and_thin": (lambda p: upload(png_header_only(1, 5_000_000)), 422, "extreme_aspect_ratio"),
+    "wide_and_flat": (lambda p: upload(png_header_only(6_000_000, 1)), 422, "extreme_aspect_ratio"),
 }  # fmt: skip
 
 
@@ -287,6 +309,23 @@ def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline
     good = post_image(url, photo)
     assert good.status_code == 200
     assert_matches_offline(good.json()["predictions"], offline_probabilities(offline, photo))
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        (UnsupportedImageFormat("FITS"), 415, "unsupported_format"),
+        (ImageTooLarge("refused, declared size 9x9"), 413, "too_many_pixels"),
+        (ExtremeAspectRatio("refused, aspect ratio 99:1"), 422, "extreme_aspect_ratio"),
+        (DecodeBudgetExceeded("decoding took over 5 s"), 422, "decode_budget_exceeded"),
+        (ImageDecodeError("<bytes>: not an image of an allowed format"), 422, "not_an_image"),
+        (ImageDecodeError("<bytes>: cannot decode pixels"), 422, "undecodable_image"),
+    ],
+)
+def test_each_decode_refusal_has_its_status_and_reason(error, status, reason):
+    rejection = _decode_rejection(error)
+    assert (rejection.status, rejection.reason) == (status, reason)
+    assert "<bytes>" not in rejection.message
 
 
 def test_oversized_body_is_refused_before_it_is_sent(url):
@@ -394,6 +433,65 @@ def test_every_prediction_is_logged_and_feedback_attaches_a_label(url, photo, lo
     assert _wait_for(lambda: read_log(log_file).true_labels.get(request_id)) == true_label
 
 
+def test_the_log_stores_a_fixed_top_k_whatever_the_client_asked(url, photo, log_file):
+    few = post_image(url, photo, top_k=2).json()
+    many = post_image(url, photo, top_k=100).json()
+    assert len(few["predictions"]) == 2 and len(many["predictions"]) == 100
+    for body in (few, many):
+        record = _wait_for(
+            lambda b=body: {r.request_id: r for r in read_log(log_file).predictions}.get(
+                b["request_id"]
+            )
+        )
+        assert len(record.top_k) == LOGGED_TOP_K
+
+
+def test_feedback_for_an_unknown_request_id_is_refused(url, offline):
+    label = offline.metadata.class_names[0]
+    response = requests.post(url + "/feedback", json={"request_id": "f" * 32, "label": label})
+    assert response.status_code == 404
+    assert response.json()["reason"] == "unknown_request_id"
+
+
+def test_feedback_is_accepted_once_per_request_id(url, photo, offline):
+    request_id = post_image(url, photo).json()["request_id"]
+    label = offline.metadata.class_names[1]
+    first = requests.post(url + "/feedback", json={"request_id": request_id, "label": label})
+    assert first.status_code == 202
+    second = requests.post(url + "/feedback", json={"request_id": request_id, "label": label})
+    assert second.status_code == 409
+    assert second.json()["reason"] == "already_labelled"
+
+
+def test_feedback_body_over_the_limit_is_refused(url):
+    body = json.dumps({"request_id": "x", "label": "y" * FEEDBACK_MAX_BYTES})
+    response = requests.post(
+        url + "/feedback", data=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["reason"] == "too_large"
+
+
+def _request(authorization: str | None) -> Request:
+    headers = [(b"authorization", authorization.encode())] if authorization else []
+    return Request({"type": "http", "method": "POST", "path": "/feedback", "headers": headers})
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic s3cret", "s3cret"])
+def test_write_token_when_set_refuses_requests_without_it(monkeypatch, authorization):
+    monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
+    with pytest.raises(InputRejected) as refused:
+        _check_write_token(_request(authorization))
+    assert refused.value.status == 401 and refused.value.reason == "unauthorized"
+
+
+def test_write_token_when_set_admits_the_bearer_and_when_unset_everyone(monkeypatch):
+    monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
+    _check_write_token(_request("Bearer s3cret"))
+    monkeypatch.delenv(WRITE_TOKEN_ENV)
+    _check_write_token(_request(None))
+
+
 def test_feedback_with_an_unknown_label_is_refused(url):
     response = requests.post(url + "/feedback", json={"request_id": "x", "label": "Dodo"})
     assert response.status_code == 422
@@ -430,6 +528,10 @@ def test_live_drift_gauges_reach_the_drift_endpoint_and_rays_metrics(url, photo,
         status["gauges"]
     )
     assert requests.get(url + "/drift").json() == status  # kept until the next assessment
+    again = requests.get(url + "/drift", params={"refresh": "true"}, timeout=30)
+    assert again.status_code == 429  # anyone may ask: at most once per 30 s
+    assert again.json()["reason"] == "refresh_too_soon"
+    assert 1 <= int(again.headers["retry-after"]) <= 30
     port = ray._private.worker.global_worker.node.metrics_export_port
     deadline = time.monotonic() + 60
     while (

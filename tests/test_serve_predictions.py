@@ -1,27 +1,37 @@
 """The prediction log (vitbirds.monitoring.predictions) that Serve writes and the monitoring
 job reads."""
 
+import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
+from vitbirds.monitoring import predictions
 from vitbirds.monitoring.predictions import (
     EMBEDDING_DIM,
     LOG_PATH_ENV,
     BackgroundPredictionLog,
     EmbeddingProjector,
     FeedbackRecord,
+    LogRotation,
     PredictionLog,
     PredictionRecord,
+    log_files,
     log_path,
     read_log,
+    read_recent,
+    rotated_files,
 )
+from vitbirds.monitoring.request_index import RequestIndex
 
 
-def _prediction(request_id: str, label: str = "Barn_Swallow") -> PredictionRecord:
-    return PredictionRecord(
+def _prediction(
+    request_id: str, label: str = "Barn_Swallow", time: datetime | None = None
+) -> PredictionRecord:
+    record = PredictionRecord(
         request_id=request_id,
         model_name="vitbirds",
         model_version="v1",
@@ -30,6 +40,9 @@ def _prediction(request_id: str, label: str = "Barn_Swallow") -> PredictionRecor
         top_k=[{"label": label, "index": 3, "probability": 0.9}],
         embedding=[0.0] * EMBEDDING_DIM,
     )
+    if time is not None:
+        record.time = time.isoformat()
+    return record
 
 
 def test_feedback_joins_its_prediction_and_the_last_label_wins(tmp_path):
@@ -94,3 +107,101 @@ def test_reader_never_raises_on_garbage(tmp_path, bad):
     path = tmp_path / "predictions.jsonl"
     path.write_text(bad + "\n")
     assert read_log(path).skipped_lines == 1
+
+
+# --- a bounded log -----------------------------------------------------------------------------
+
+_RECORD_BYTES = len(json.dumps(_prediction("0000").__dict__)) + 40  # one line, with margin
+
+
+def test_the_log_rotates_by_size_and_keeps_only_the_newest_files(tmp_path):
+    rotation = LogRotation(max_bytes=3 * _RECORD_BYTES, max_age_s=1e9, keep=2)
+    log = PredictionLog(tmp_path / "predictions.jsonl", rotation)
+    for i in range(20):
+        log.append(_prediction(f"{i:04d}"))
+    assert len(rotated_files(log.path)) == 2
+    assert all(p.stat().st_size <= rotation.max_bytes for p in log_files(log.path))
+    kept = [r.request_id for r in read_log(log.path).predictions]
+    assert kept == [f"{i:04d}" for i in range(20 - len(kept), 20)]  # the newest, in order
+    assert len(kept) < 20
+
+
+def test_the_log_rotates_by_age_on_the_wall_clock(tmp_path, monkeypatch):
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_age_s=3600))
+    log.append(_prediction("first"))
+    log.append(_prediction("back-dated", time=datetime.now(UTC) - timedelta(days=30)))
+    assert rotated_files(log.path) == []  # old record times alone do not rotate
+    real_time = time.time()
+    monkeypatch.setattr(predictions.time, "time", lambda: real_time + 7200)
+    log.append(_prediction("two hours later"))
+    assert len(rotated_files(log.path)) == 1
+    assert [r.request_id for r in read_log(log.path).predictions] == [
+        "first",
+        "back-dated",
+        "two hours later",
+    ]
+
+
+def test_read_recent_stops_at_the_files_older_than_the_window(tmp_path):
+    """Three rotated files a day apart; a one-hour window reads only the newest file, unless
+    it must reach back for `min_predictions`."""
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=4 * _RECORD_BYTES))
+    now = datetime.now(UTC)
+    for day in (3, 2, 1):
+        log.append(*[_prediction(f"d{day}-{i}", time=now - timedelta(days=day)) for i in range(3)])
+    log.append(*[_prediction(f"now-{i}", time=now - timedelta(minutes=i)) for i in range(3)])
+    assert len(log_files(log.path)) == 4
+    recent = read_recent(log.path, timedelta(hours=1))
+    assert {r.request_id for r in recent.predictions} == {
+        "now-0",
+        "now-1",
+        "now-2",
+        "d1-0",
+        "d1-1",
+        "d1-2",
+    }
+    wider = read_recent(log.path, timedelta(hours=1), min_predictions=8)
+    assert len(wider.predictions) == 9  # one more file: 3 + 3 + 3
+    assert len(read_log(log.path).predictions) == 12
+
+
+def test_feedback_in_a_newer_file_joins_a_prediction_in_an_older_one(tmp_path):
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=_RECORD_BYTES))
+    log.append(_prediction("a"))
+    log.append(FeedbackRecord("a", "Cliff_Swallow"))
+    assert len(log_files(log.path)) == 2
+    assert read_log(log.path).labelled()[0][1] == "Cliff_Swallow"
+    assert read_recent(log.path, timedelta(hours=1)).true_labels == {"a": "Cliff_Swallow"}
+
+
+# --- the request index behind POST /feedback ---------------------------------------------------
+
+
+def test_request_index_follows_the_log_through_rotation(tmp_path):
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=2 * _RECORD_BYTES))
+    log.append(_prediction("before"))
+    index = RequestIndex(log.path, timedelta(hours=1))
+    assert index.lookup("before") is not None
+    for i in range(5):  # several rotations after the index opened the file
+        log.append(_prediction(f"after-{i}"))
+    assert len(rotated_files(log.path)) >= 2
+    assert all(index.lookup(f"after-{i}") is not None for i in range(5))
+    assert index.lookup("never") is None
+
+
+def test_request_index_knows_labelled_ids_and_labels_only_once(tmp_path):
+    log = PredictionLog(tmp_path / "predictions.jsonl")
+    log.append(_prediction("a"), _prediction("b"), FeedbackRecord("a", "Tree_Swallow"))
+    index = RequestIndex(log.path, timedelta(hours=1))
+    assert index.lookup("a").labelled and not index.lookup("b").labelled
+    assert not index.mark_labelled("a")
+    assert index.mark_labelled("b") and not index.mark_labelled("b")
+
+
+def test_request_index_forgets_old_and_excess_predictions(tmp_path):
+    log = PredictionLog(tmp_path / "predictions.jsonl")
+    log.append(_prediction("stale", time=datetime.now(UTC) - timedelta(hours=2)))
+    log.append(*[_prediction(f"p{i}") for i in range(10)])
+    index = RequestIndex(log.path, timedelta(hours=1), max_entries=4)
+    assert index.lookup("stale") is None
+    assert len(index) == 4 and index.lookup("p9") is not None and index.lookup("p0") is None

@@ -18,6 +18,22 @@ class ImageDecodeError(DataError):
     """One image could not be decoded; the reason says why (empty, truncated, not an image...)."""
 
 
+class UnsupportedImageFormat(ImageDecodeError):
+    """An image in a format outside the allow-list (e.g. RLE BMP, FITS): refused before decoding."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """An image whose declared, decoded or resized size exceeds the pixel budget."""
+
+
+class ExtremeAspectRatio(ImageDecodeError):
+    """An image too long and thin to resize to the model's input without an unbounded long side."""
+
+
+class DecodeBudgetExceeded(ImageDecodeError):
+    """Decoding ran past its time or memory limit (the sandboxed decoder was stopped)."""
+
+
 class ModelFileError(VitbirdsError):
     """A model directory is missing, incomplete or inconsistent with its metadata."""
 

@@ -20,16 +20,24 @@ Each append is one `write` to a file opened for appending, so several writers on
 interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
 Serve appends from a background thread (`BackgroundPredictionLog`) so a slow disk or a FUSE
 bucket mount never stalls a request, and records that queue up meanwhile go out in one write.
+
+The log is bounded (`LogRotation`): when the file would pass `max_bytes`, or was begun more than
+`max_age_s` ago, it is renamed `predictions.<UTC time of the rename>.jsonl` and a new one
+begun; only the newest `keep` renamed files are kept. Serve stores a fixed `LOGGED_TOP_K` classes
+per record whatever the client asked. `read_log` reads the whole set in time order (the monitoring
+job); `read_recent` reads newest-first only the files that cover the window being assessed.
 """
 
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,8 @@ EMBEDDING_DIM = 32
 EMBEDDING_SEED = 0
 LOG_FILE_NAME = "predictions.jsonl"
 LOG_PATH_ENV = "VITBIRDS_PREDICTION_LOG"
+LOGGED_TOP_K = 5  # classes stored per prediction, however many the client asked for
+_ROTATED_STAMP = "%Y%m%dT%H%M%S%fZ"
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +120,86 @@ def log_path(model_dir: str | Path, configured: str | Path | None = None) -> Pat
 Record = PredictionRecord | FeedbackRecord
 
 
-class PredictionLog:
-    """Appends records as JSON lines; safe to share between threads of one process."""
+@dataclass
+class LogRotation:
+    max_bytes: int = 64 * 1024 * 1024  # about 60,000 predictions
+    max_age_s: float = 24 * 3600.0  # a file begun longer ago than this (wall clock): rotate
+    keep: int = 14  # rotated files kept; older ones are deleted
 
-    def __init__(self, path: str | Path) -> None:
+
+def rotated_files(path: str | Path) -> list[tuple[datetime, Path]]:
+    """The log's rotated files with the time each was closed, oldest first."""
+    path = Path(path)
+    found = []
+    for candidate in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+        stamp = candidate.name[len(path.stem) + 1 : len(candidate.name) - len(path.suffix)]
+        try:
+            closed = datetime.strptime(stamp, _ROTATED_STAMP).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        found.append((closed, candidate))
+    return sorted(found)
+
+
+def log_files(path: str | Path) -> list[Path]:
+    """Every file of the log, oldest first: the rotated ones, then the one being written."""
+    path = Path(path)
+    return [p for _, p in rotated_files(path)] + ([path] if path.exists() else [])
+
+
+class PredictionLog:
+    """Appends records as JSON lines, rotating the file as `rotation` says; safe to share between
+    threads of one process, and between processes on one host (rotation takes a file lock)."""
+
+    def __init__(self, path: str | Path, rotation: LogRotation | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rotation = rotation or LogRotation()
         self._lock = threading.Lock()
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._current: tuple[int, float] | None = None  # (inode, wall-clock time it was begun)
 
     def append(self, *records: Record) -> None:
         text = "".join(json.dumps(asdict(r), separators=(",", ":")) + "\n" for r in records)
-        with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
+        with self._lock, self._lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._rotate_if_due(len(text.encode()))
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(text)
+
+    def _rotate_if_due(self, incoming: int) -> None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return
+        if stat.st_size == 0:
+            return
+        too_big = stat.st_size + incoming > self.rotation.max_bytes
+        too_old = time.time() - self._began(stat.st_ino) > self.rotation.max_age_s
+        if not (too_big or too_old):
+            return
+        stamp = datetime.now(UTC).strftime(_ROTATED_STAMP)
+        self.path.rename(self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}"))
+        for _, old in rotated_files(self.path)[: -self.rotation.keep or None]:
+            old.unlink(missing_ok=True)
+
+    def _began(self, inode: int) -> float:
+        """When the current file was begun, by the wall clock (records may carry other times):
+        the last rotation's time, else when this process first saw the file."""
+        if self._current is None or self._current[0] != inode:
+            rotated = rotated_files(self.path)
+            began = rotated[-1][0].timestamp() if rotated else time.time()
+            self._current = (inode, began)
+        return self._current[1]
+
+
+def parse_time(text: object) -> datetime | None:
+    """A record's `time` as an aware UTC datetime; None if it is not ISO 8601."""
+    try:
+        moment = datetime.fromisoformat(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class BackgroundPredictionLog:
@@ -166,10 +244,61 @@ def iter_log(path: str | Path) -> Iterator[dict[str, Any] | None]:
 
 
 def read_log(path: str | Path) -> PredictionLogContents:
-    """Reads the whole log; an absent file reads as empty (no traffic yet)."""
+    """Reads the whole log, rotated files included, in time order; an absent log reads as empty
+    (no traffic yet)."""
+    return _read_files(log_files(path))
+
+
+def read_recent(
+    path: str | Path,
+    window: timedelta,
+    *,
+    min_predictions: int = 0,
+    model_version: str | None = None,
+) -> PredictionLogContents:
+    """The log's newest files, read newest-first until what was read reaches back `window` before
+    the newest prediction and holds at least `min_predictions` (of `model_version`, if given).
+
+    What `recent()` of vitbirds.monitoring.assess then keeps is the same as from the whole log,
+    while the cost stays that of the files covering the window, however long the log.
+    """
+    parts: list[PredictionLogContents] = []
+    newest: datetime | None = None
+    count = 0
+    for file in reversed(log_files(path)):
+        part = _read_files([file])
+        parts.append(part)
+        times = [
+            moment
+            for r in part.predictions
+            if (model_version is None or r.model_version == model_version)
+            and (moment := parse_time(r.time)) is not None
+        ]
+        if not times:
+            continue
+        count += len(times)
+        newest = newest or max(times)
+        if count >= min_predictions and min(times) <= newest - window:
+            break
+    merged = PredictionLogContents(predictions=[], true_labels={}, skipped_lines=0)
+    for part in reversed(parts):
+        merged.predictions.extend(part.predictions)
+        merged.true_labels.update(part.true_labels)
+        merged.skipped_lines += part.skipped_lines
+    return merged
+
+
+def _read_files(paths: list[Path]) -> PredictionLogContents:
     contents = PredictionLogContents(predictions=[], true_labels={}, skipped_lines=0)
-    if not Path(path).exists():
-        return contents
+    for path in paths:
+        try:
+            _read_into(contents, path)
+        except FileNotFoundError:  # rotated away or deleted while we listed
+            continue
+    return contents
+
+
+def _read_into(contents: PredictionLogContents, path: Path) -> None:
     for value in iter_log(path):
         try:
             if value is None:
@@ -181,6 +310,5 @@ def read_log(path: str | Path) -> PredictionLogContents:
                 contents.true_labels[feedback.request_id] = feedback.label
             else:
                 raise TypeError(f"unknown kind {value.get('kind')!r}")
-        except TypeError:
+        except (TypeError, ValueError):
             contents.skipped_lines += 1
-    return contents

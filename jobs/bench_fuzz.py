@@ -1,0 +1,324 @@
+"""Hostile uploads by the thousand: what the decode budget (vitbirds/data/images.py) and the
+sandboxed decoder (vitbirds/data/sandbox.py) let through, what it costs, and whether normal
+requests are answered meanwhile.
+
+Inputs: real photos (../shared/data/cub100/valid) and the first of them re-encoded in every allowed
+format (JPEG, progressive JPEG, PNG, WebP, GIF, BMP, TIFF), mutated with jobs/benchlib/mutate.py
+(truncations, header bit flips, rewritten dimension fields, lying chunk lengths, garbage), plus
+hand-made hostile files (an extreme aspect ratio PNG of 138 bytes, RLE BMP, FITS, declared-size
+bombs, a legitimate 64 MP PNG at the budget's edge).
+
+1. decode path, side by side: `load_rgb` in this process (the baseline: same checks, no time or
+   memory limit) and `DecodePool.decode` (ours): outcomes by exception type, worst time per file,
+   and the sandbox's overhead on a normal photo (p50 of both).
+2. the running service (serve/testing.py's start_app on a free port, a random-weight model):
+   `--service-uploads` mutants and hostile files to /predict, a normal photo every
+   `--normal-every` uploads with its latency; statuses, 4xx by reason, the Serve processes'
+   RSS (replicas + their decode workers) sampled every 0.2 s.
+
+Targets: any upload answered within 10 s; Serve processes' memory growth <= 1.5 GiB; 0 x 5xx;
+a normal photo answered within 2 s after every hostile upload.
+
+    python jobs/bench_fuzz.py [--decode-mutations 3000] [--service-uploads 300]
+"""
+
+import argparse
+import collections
+import io
+import random
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import requests
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray import serve
+
+from jobs.benchlib.mutate import mutations, seed_images
+from jobs.benchlib.report import report, target
+from serve.schemas import ServeSettings
+from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from vitbirds.data.images import load_rgb
+from vitbirds.data.sandbox import DecodePool
+from vitbirds.errors import ImageDecodeError
+from vitbirds.paths import shared_data_dir
+
+SHORT_SIDE = 258  # the vit-cpu/vit-test decode size: 224 * 1.15
+GIB = 1024**3
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def hostile_files() -> dict[str, bytes]:
+    """Hand-made files of the kinds issue 15 reports."""
+    rle = bytearray(_encode(Image.new("P", (64, 64)), "BMP"))
+    rle[30:34] = struct.pack("<I", 1)
+    return {
+        "aspect_1x5M_png": _png_header_only(1, 5_000_000),
+        "aspect_60Mx1_png": _png_header_only(60_000_000, 1),
+        "declared_40000x40000_png": _png_header_only(40_000, 40_000),
+        "declared_8500x8500_png": _png_header_only(8500, 8500),
+        "rle8_bmp": bytes(rle),
+        "fits": b"SIMPLE  =                    T" + b" " * 2850,
+        "flat_64MP_png": _encode(Image.new("RGB", (8000, 8000), (30, 90, 40)), "PNG"),
+    }
+
+
+def corpus(photos: list[bytes], count: int, seed: int) -> list[tuple[str, str, bytes]]:
+    """(source, kind, bytes): `count` mutants spread over the seed files, then the hostile files."""
+    rng = random.Random(seed)
+    sources = {f"photo{i}": p for i, p in enumerate(photos)}
+    base = Image.open(io.BytesIO(photos[0])).convert("RGB")
+    sources.update({f"seed_{k}": v for k, v in seed_images(base).items()})
+    per_source = max(1, count // len(sources))
+    items = [
+        (name, kind, mutant)
+        for name, data in sources.items()
+        for kind, mutant in mutations(data, rng, per_source)
+    ]
+    items += [(name, "hostile", data) for name, data in hostile_files().items()]
+    return items
+
+
+def _decode_outcome(decode: Any, data: bytes) -> str:
+    try:
+        decode(data, short_side=SHORT_SIDE)
+    except ImageDecodeError as error:
+        return type(error).__name__
+    except Exception as error:  # what the budget must never let out: a 5xx at the edge
+        return f"UNEXPECTED {type(error).__name__}"
+    return "decoded"
+
+
+def _rss(processes: list[psutil.Process]) -> int:
+    total = 0
+    for p in processes:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _rss_tree(process: psutil.Process) -> int:
+    return _rss([process, *process.children(recursive=True)])
+
+
+def bench_decode(items: list[tuple[str, str, bytes]], photo: bytes) -> dict[str, Any]:
+    """The sandbox first, then in-process: this process's RSS only grows, so the in-process
+    run's peak would otherwise hide the sandbox's."""
+    pool = DecodePool()
+    me = psutil.Process()
+    results: dict[str, Any] = {"inputs": len(items)}
+    try:
+        for name, decode in (("sandbox", pool.decode), ("in_process", load_rgb)):
+            outcomes: collections.Counter[str] = collections.Counter()
+            worst, worst_input = 0.0, ""
+            start_rss, peak_parent, peak_workers = me.memory_info().rss, 0, 0
+            started = time.perf_counter()
+            for source, kind, data in items:
+                t0 = time.perf_counter()
+                outcomes[_decode_outcome(decode, data)] += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed > worst:
+                    worst, worst_input = elapsed, f"{source}/{kind}"
+                peak_parent = max(peak_parent, me.memory_info().rss)
+                peak_workers = max(peak_workers, _rss(me.children(recursive=True)))
+            times = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                decode(photo, short_side=SHORT_SIDE)
+                times.append(time.perf_counter() - t0)
+            results[name] = {
+                "outcomes": dict(outcomes.most_common()),
+                "unexpected": sum(v for k, v in outcomes.items() if k.startswith("UNEXPECTED")),
+                "total_s": round(time.perf_counter() - started, 2),
+                "worst_s": round(worst, 3),
+                "worst_input": worst_input,
+                "normal_photo_p50_ms": round(statistics.median(times) * 1e3, 2),
+                "this_process_rss_growth_gib": round((peak_parent - start_rss) / GIB, 3),
+                "decode_workers_peak_rss_gib": round(peak_workers / GIB, 3),
+            }
+            print(name, results[name], flush=True)
+    finally:
+        pool.close()
+    return results
+
+
+class RssSampler:
+    """Peak RSS of the Serve replicas (and their decode workers), sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def serve_rss() -> int:
+        total = 0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if any("ServeReplica" in part or "ProxyActor" in part for part in p.cmdline()):
+                    total += _rss_tree(p)
+            except psutil.Error:
+                continue
+        return total
+
+    def __enter__(self) -> "RssSampler":
+        self.baseline = self.serve_rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.serve_rss())
+
+
+def bench_service(
+    items: list[tuple[str, str, bytes]], photo: bytes, uploads: int, normal_every: int, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    chosen = [i for i in items if i[1] == "hostile"]
+    chosen += rng.sample(items, min(len(items), uploads - len(chosen)))
+    rng.shuffle(chosen)
+    work = Path(tempfile.mkdtemp(prefix="bench_fuzz_"))
+    classes = photo_classes(shared_data_dir() / "cub100" / "valid")
+    model_dir = make_model_dir(work / "model", classes)
+    settings = ServeSettings(
+        model_dir=str(model_dir), prediction_log=str(work / "predictions.jsonl"), drift_interval_s=0
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=300 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    statuses: collections.Counter[int] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    upload_times, normal_times, normal_failures = [], [], 0
+    worst_input = ""
+    try:
+        url = start_app(settings, deployment_options(0.2))
+        session = requests.Session()
+        for _ in range(5):  # warm-up
+            session.post(url + "/predict", files={"file": ("a.jpg", photo)}, timeout=60)
+        with RssSampler() as rss:
+            for n, (source, kind, data) in enumerate(chosen):
+                t0 = time.perf_counter()
+                try:
+                    response = session.post(
+                        url + "/predict", files={"file": ("upload", data)}, timeout=60
+                    )
+                    status = response.status_code
+                    reason = response.json().get("reason", "") if status != 200 else "ok"
+                except (requests.RequestException, ValueError) as error:
+                    status, reason = 599, f"no answer: {type(error).__name__}"
+                elapsed = time.perf_counter() - t0
+                if not upload_times or elapsed > max(upload_times):
+                    worst_input = f"{source}/{kind}"
+                upload_times.append(elapsed)
+                statuses[status] += 1
+                reasons[f"{status} {reason}"] += 1
+                if n % normal_every == 0:
+                    t0 = time.perf_counter()
+                    good = session.post(
+                        url + "/predict", files={"file": ("a.jpg", photo)}, timeout=60
+                    )
+                    normal_times.append(time.perf_counter() - t0)
+                    normal_failures += good.status_code != 200
+        return {
+            "uploads": len(chosen),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "by_reason": dict(reasons.most_common()),
+            "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+            "upload_max_s": round(max(upload_times), 3),
+            "upload_p50_s": round(statistics.median(upload_times), 4),
+            "worst_input": worst_input,
+            "normal_requests": len(normal_times),
+            "normal_failures": normal_failures,
+            "normal_p50_s": round(statistics.median(normal_times), 4),
+            "normal_max_s": round(max(normal_times), 3),
+            "serve_rss_baseline_gib": round(rss.baseline / GIB, 3),
+            "serve_rss_peak_gib": round(rss.peak / GIB, 3),
+            "serve_rss_growth_gib": round(max(0, rss.peak - rss.baseline) / GIB, 3),
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decode-mutations", type=int, default=3000)
+    parser.add_argument("--service-uploads", type=int, default=300)
+    parser.add_argument("--normal-every", type=int, default=5)
+    parser.add_argument("--photos", type=int, default=20, help="real photos used as seeds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-service", action="store_true")
+    args = parser.parse_args()
+
+    valid = shared_data_dir() / "cub100" / "valid"
+    photos = [
+        sorted((valid / name).glob("*.jpg"))[0].read_bytes()
+        for name in photo_classes(valid)[: args.photos]
+    ]
+    items = corpus(photos, args.decode_mutations, args.seed)
+    results: dict[str, Any] = {"decode": bench_decode(items, photos[0])}
+    decode = results["decode"]
+    targets = [
+        target("decode: unexpected exceptions (sandbox)", decode["sandbox"]["unexpected"], 0, "<="),
+        target("decode: worst file seconds (sandbox)", decode["sandbox"]["worst_s"], 10.0, "<="),
+    ]
+    if not args.skip_service:
+        service = bench_service(
+            items, photos[0], args.service_uploads, args.normal_every, args.seed
+        )
+        results["service"] = service
+        targets += [
+            target("service: 5xx responses", service["server_errors"], 0, "<="),
+            target("service: slowest upload seconds", service["upload_max_s"], 10.0, "<="),
+            target("service: memory growth GiB", service["serve_rss_growth_gib"], 1.5, "<="),
+            target("service: slowest normal photo seconds", service["normal_max_s"], 2.0, "<="),
+            target("service: normal photos failed", service["normal_failures"], 0, "<="),
+        ]
+    results["note"] = "measured on a loaded machine" if psutil.getloadavg()[0] > 1 else "quiet"
+    results["load_average_1m"] = round(psutil.getloadavg()[0], 2)
+    report("fuzz", results, targets)
+
+
+if __name__ == "__main__":
+    main()

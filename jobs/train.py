@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vitbirds.config import DATA_MODES
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.presets import PRESETS, Recipe, get_recipe
 from vitbirds.training.tracking import TRACKERS
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--cache-dir", help="where generated data is kept (default ~/.cache/vitbirds)"
     )
+    data.add_argument(
+        "--data-mode", choices=DATA_MODES,
+        help="cache: decode once into memory; stream: decode each worker's shard every epoch "
+        "(memory flat in the dataset size); default auto: cache when it fits the budget",
+    )  # fmt: skip
     train = parser.add_argument_group("training (default: the preset's)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, help="global batch, split across the workers")
@@ -98,7 +104,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
     data = given(
         data_dir=absolute(args.data_dir), num_classes=args.num_classes,
-        images_per_class=args.images_per_class, seed=args.seed,
+        images_per_class=args.images_per_class, seed=args.seed, data_mode=args.data_mode,
     )  # fmt: skip
     train = given(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -106,7 +106,8 @@ class DataConfig(_DictMixin):
     # vitbirds.data.streaming); auto: cache when it fits cache_budget_gib per node, else stream.
     data_mode: str = "auto"
     cache_budget_gib: float = 4.0
-    stream_workers: int = 2  # decoding processes per training worker in stream mode
+    # Decoding processes per training worker in stream mode; None: the worker's CPUs but one.
+    stream_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -125,7 +126,7 @@ class DataConfig(_DictMixin):
             )
         if self.cache_budget_gib < 0:
             raise ConfigError(f"cache_budget_gib must not be negative, got {self.cache_budget_gib}")
-        if self.stream_workers < 0:
+        if self.stream_workers is not None and self.stream_workers < 0:
             raise ConfigError(f"stream_workers must not be negative, got {self.stream_workers}")
 
 

@@ -26,6 +26,7 @@ warning per pass; they cost a smaller batch, never a failed epoch.
 """
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -158,17 +159,21 @@ def make_stream_loaders(
     *,
     rank: int = 0,
     world: int = 1,
+    cpus: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None]:
     """(train, valid, test) streaming loaders of this rank's shard; test None without a test split.
 
     Train: shuffled (a DistributedSampler when `world` > 1, as Ray's `prepare_data_loader` would
-    add); valid and test: every world-th image from `rank`, no padding.
+    add); valid and test: every world-th image from `rank`, no padding. `cpus`: this worker's
+    cores (default: the machine's), which size the decoding pool when the config leaves it open.
     """
     decode_size = round(data_cfg.image_size * data_cfg.decode_scale)
     eval_tf = eval_transform(data_cfg.image_size, mean, std, resize_scale=data_cfg.decode_scale)
     workers = data_cfg.stream_workers
+    if workers is None:  # the Ray adapter passes the Train worker's own CPU count
+        workers = max(1, (cpus or os.cpu_count() or 1) - 1)
 
     def loader(samples: list[Sample], transform: Callable, train: bool) -> StreamLoader:
         dataset: Dataset = LazyImageDataset(samples, transform, decode_size=decode_size)

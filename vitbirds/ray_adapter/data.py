@@ -47,15 +47,22 @@ class WorkerData:
 
 
 def worker_data(
-    splits: DatasetSplits, data_cfg: DataConfig, train_cfg: TrainConfig, *, rank: int, world: int
+    splits: DatasetSplits,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    *,
+    rank: int,
+    world: int,
+    cpus: int,
 ) -> WorkerData:
-    """This rank's loaders; `train_cfg.batch_size` is already the per-worker batch."""
+    """This rank's loaders; `train_cfg.batch_size` is already the per-worker batch, `cpus` the
+    worker's cores (its decoding processes in stream mode)."""
     mode = data_cfg.data_mode
     if mode == "auto":  # resolved by the driver for jobs/train.py; Tune trials come here
         mode = choose_data_mode(data_cfg, splits, workers_per_node=world).mode
     if mode == "stream":
         train, valid, _ = make_stream_loaders(
-            replace(splits, test=[]), data_cfg, train_cfg, rank=rank, world=world
+            replace(splits, test=[]), data_cfg, train_cfg, rank=rank, world=world, cpus=cpus
         )
         return WorkerData(
             mode, _FirstBatchAnnouncer(train, rank), valid, len(train), train.set_epoch,

@@ -223,7 +223,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     recipe = fit_recipe_to_data(job.recipe, splits)
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
     worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
-    data = worker_data(splits, recipe.data, worker_train, rank=rank, world=world)
+    data = worker_data(
+        splits, recipe.data, worker_train, rank=rank, world=world, cpus=job.cpus_per_worker
+    )
 
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()

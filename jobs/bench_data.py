@@ -204,6 +204,21 @@ def measure_candidate(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def measure_training(args: argparse.Namespace, extra: list[str], name: str) -> dict[str, Any]:
+    """One jobs/train.py run; retried when a loaded machine's local Ray misses its 30 s
+    start-up deadline (Ray's, not ours), which says nothing about the data path."""
+    for attempt in range(1, 4):
+        try:
+            return _measure_training(args, extra, name)
+        except RayStartFailed:
+            print(f"[{name}] local Ray did not start (attempt {attempt} of 3)", flush=True)
+    raise RuntimeError(f"jobs/train.py ({name}): local Ray did not start in 3 attempts")
+
+
+class RayStartFailed(RuntimeError):
+    pass
+
+
+def _measure_training(args: argparse.Namespace, extra: list[str], name: str) -> dict[str, Any]:
     storage = Path(tempfile.mkdtemp(prefix="bench-data-"))
     summary = storage / "summary.json"
     command = [
@@ -218,9 +233,10 @@ def measure_training(args: argparse.Namespace, extra: list[str], name: str) -> d
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
     )
-    first_batch = None
+    first_batch, ray_start_failed = None, False
     with PeakSampler(process.pid) as sampler:
         for line in process.stdout:
+            ray_start_failed |= "node timed out during startup" in line
             sys.stdout.write(f"[{name}] {line}")
             match = FIRST_BATCH.search(line)
             if match and first_batch is None:
@@ -228,6 +244,8 @@ def measure_training(args: argparse.Namespace, extra: list[str], name: str) -> d
             if EPOCH_DONE.match(line):  # then come evaluation and export, on the driver
                 sampler.training_done()
         process.wait()
+    if process.returncode != 0 and ray_start_failed:
+        raise RayStartFailed(name)
     if process.returncode != 0:
         raise RuntimeError(f"jobs/train.py ({name}) failed with exit status {process.returncode}")
     outcome = json.loads(summary.read_text())
@@ -256,8 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=int, default=2000, help="files the candidates read")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="candidates' cores")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["ray_data", "halved"],
-        help="parts to leave out (the other candidates and the full run always run)",
+        "--skip", nargs="*", default=[], choices=["candidates", "ray_data", "halved"],
+        help="parts to leave out (the full run always runs)",
     )  # fmt: skip
     parser.add_argument("--candidate", choices=list(CANDIDATES), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -278,21 +296,23 @@ def main(argv: list[str] | None = None) -> int:
             len(splits.train) + len(splits.valid), DataConfig(image_size=args.image_size)
         ) * args.num_workers / GIB,
     }  # fmt: skip
-    names = ["raw", "stream"] + ([] if "ray_data" in args.skip else ["ray_data"])
+    names = [] if "candidates" in args.skip else ["raw", "stream"]
+    names += [] if {"candidates", "ray_data"} & set(args.skip) else ["ray_data"]
     results["candidates"] = {name: measure_candidate(name, args) for name in names}
     print(json.dumps(results["candidates"]), flush=True)
     results["full"] = measure_training(args, [], "full")
     if "halved" not in args.skip:
         half = ["--images-per-class", str(per_class)]
         results["halved"] = measure_training(args, half, "halved")
-    raw = results["candidates"]["raw"]["images_per_s"]
-    stream = results["candidates"]["stream"]["images_per_s"]
     full = results["full"]
     targets = [
         target("node_peak_memory_gib", full["peak_node_pss_gib"], 6.0, "<="),
         target("first_training_step_s", full["first_step_s"], 60.0, "<="),
-        target("stream_over_raw_decode_augment", stream / raw, 0.8, ">="),
     ]
+    if "raw" in results["candidates"]:
+        raw = results["candidates"]["raw"]["images_per_s"]
+        stream = results["candidates"]["stream"]["images_per_s"]
+        targets.append(target("stream_over_raw_decode_augment", stream / raw, 0.8, ">="))
     if "halved" in results:
         ratio = full["peak_node_pss_gib"] / results["halved"]["peak_node_pss_gib"]
         targets.append(target("memory_full_over_halved_dataset", ratio, 1.2, "<="))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vitbirds.config import DATA_MODES
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.paths import output_note, output_path
 from vitbirds.presets import Recipe, get_recipe
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     add_arguments(data, RecipeSettings, ["data_dir", "num_classes", "images_per_class"])
     add_arguments(data, TrainSettings, ["cache_dir"])
+    data.add_argument(
+        "--data-mode", choices=DATA_MODES,
+        help="cache: decode once into memory; stream: decode each worker's shard every epoch "
+        "(memory flat in the dataset size); auto: cache when it fits the memory budget "
+        f"(default: {preset_default('data', 'data_mode')})",
+    )  # fmt: skip
     train = parser.add_argument_group("training (flags write over the preset's values)")
     for flag, section, name, kind, text in RECIPE_FLAGS:
         train.add_argument(
@@ -103,7 +110,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
     data = given(
         data_dir=absolute(args.data_dir), num_classes=args.num_classes,
-        images_per_class=args.images_per_class, seed=args.seed,
+        images_per_class=args.images_per_class, seed=args.seed, data_mode=args.data_mode,
     )  # fmt: skip
     train = given(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

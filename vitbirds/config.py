@@ -10,6 +10,8 @@ from typing import Any, Self
 from vitbirds.devices import DEVICE_CHOICES
 from vitbirds.errors import ConfigError
 
+DATA_MODES = ("auto", "cache", "stream")
+
 
 class _DictMixin:
     """Round-trips a dataclass through plain JSON-able dicts, refusing unknown keys."""
@@ -100,6 +102,13 @@ class DataConfig(_DictMixin):
     random_erasing: float = 0.0  # probability
     mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
     cutmix: float = 0.0
+    # cache: decode every image once into each worker's memory (fastest; memory grows with the
+    # dataset); stream: each worker decodes its own shard every epoch (memory bounded; see
+    # vitbirds.data.streaming); auto: cache when it fits cache_budget_gib per node, else stream.
+    data_mode: str = "auto"
+    cache_budget_gib: float = 4.0
+    # Decoding processes per training worker in stream mode; None: the worker's CPUs but one.
+    stream_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -112,6 +121,14 @@ class DataConfig(_DictMixin):
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.randaugment and self.trivialaugment:
             raise ConfigError("choose one of randaugment and trivialaugment, not both")
+        if self.data_mode not in DATA_MODES:
+            raise ConfigError(
+                f"data_mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}"
+            )
+        if self.cache_budget_gib < 0:
+            raise ConfigError(f"cache_budget_gib must not be negative, got {self.cache_budget_gib}")
+        if self.stream_workers is not None and self.stream_workers < 0:
+            raise ConfigError(f"stream_workers must not be negative, got {self.stream_workers}")
 
 
 @dataclass

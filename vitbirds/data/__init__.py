@@ -1,7 +1,8 @@
-"""Datasets on disk -> labelled splits -> decoded-once tensors -> augmented batches.
+"""Datasets on disk -> labelled splits -> decoded images (cached or streamed) -> augmented batches.
 
 `sources` finds and splits images, `images` decodes one safely, `loading` caches and batches,
-`transforms` augments, `synthetic` generates the default dataset.
+`streaming` decodes each worker's shard every epoch instead (memory flat in the dataset size),
+`transforms` augments, `synthetic` generates the default dataset and Kaggle-scale stand-ins.
 """
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb

@@ -7,7 +7,8 @@ only run cheap tensor transforms on small images. Memory: about N * (1.15 * imag
 bytes, e.g. 10k images at 64 px take 0.2 GB and at 224 px 2 GB.
 
 Files that cannot be decoded are skipped, counted in `.skipped` and reported in one warning,
-so a bad file found in a 80k-image dataset never stops an epoch.
+so a bad file found in a 80k-image dataset never stops an epoch. When the decoded set does not
+fit in memory, `streaming.py` decodes each worker's shard every epoch instead (`--data-mode`).
 """
 
 import logging

@@ -110,7 +110,7 @@ def discover_dataset(
     if not 0.0 < valid_fraction < 1.0:
         raise DataError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     synthetic = (root / SYNTHETIC_MARKER).is_file()
-    if (root / KAGGLE_CSV).is_file() and not synthetic:
+    if (root / KAGGLE_CSV).is_file():  # jobs/make_dataset.py's stand-in too: same code path
         listing, source = _read_kaggle_csv(root), "kaggle"
     else:
         listing = _scan_split_folders(root) or {"train": _scan_class_folders(root)}

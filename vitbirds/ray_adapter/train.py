@@ -5,10 +5,12 @@ checks). Everything a worker does besides talking to Ray
 (data, model, loop, checkpoint format) comes from the Ray-free modules, so a distributed run and
 the plain single-process loop train the same way.
 
-- Workers: `ScalingConfig(num_workers, use_gpu)`; DDP over gloo on CPU, NCCL on GPU; the train
-  loader is sharded by Ray's `prepare_data_loader` (a DistributedSampler); the valid loader is
-  split exactly (rank::world) so epoch metrics count every image once. Apple MPS: one worker with
-  `use_gpu=False` that moves model and batches to `mps` itself (Ray has no MPS device manager).
+- Workers: `ScalingConfig(num_workers, use_gpu)`; DDP over gloo on CPU, NCCL on GPU; each worker
+  trains on its shard of train (a DistributedSampler) and scores its exact rank::world share of
+  valid, so epoch metrics count every image once; images come decoded once into memory or
+  streamed from disk (`--data-mode`, decided once by the driver; `vitbirds.ray_adapter.data`).
+  Apple MPS: one worker with `use_gpu=False` that moves model and batches to `mps` itself (Ray
+  has no MPS device manager).
 - Every epoch all workers call `ray.train.report` with the global metrics; rank 0 attaches a
   checkpoint in the format of `vitbirds.training.loop.save_checkpoint`. `CheckpointConfig` keeps the
   best k by `val_top1` (plus the latest, which resuming needs).
@@ -38,17 +40,17 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
-from vitbirds.data.loading import make_loaders
 from vitbirds.data.sources import DatasetSplits
+from vitbirds.data.streaming import choose_data_mode
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.model.files import load_model, read_metadata
 from vitbirds.paths import is_uri
 from vitbirds.presets import Recipe
+from vitbirds.ray_adapter.data import worker_data
 from vitbirds.settings import TrainSettings
 from vitbirds.training.loop import (
     TrainingRun,
@@ -208,12 +210,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     recipe = fit_recipe_to_data(job.recipe, splits)
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
     worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
-    train_loader, valid_loader, _ = make_loaders(
-        replace(splits, test=[]), recipe.data, worker_train
+    data = worker_data(
+        splits, recipe.data, worker_train, rank=rank, world=world, cpus=job.cpus_per_worker
     )
-    if world > 1:
-        train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
-        valid_loader = _exact_shard(valid_loader, rank, world)
 
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
@@ -224,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     run = TrainingRun(
         model,
         recipe.train,
-        steps_per_epoch=len(train_loader),
+        steps_per_epoch=data.steps_per_epoch,
         device=device,
         mixer=batch_mixer(recipe.data, recipe.model.num_classes),
         teacher=load_teacher(job.teacher, splits.classes, device) if job.teacher else None,
@@ -243,15 +242,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # Randomness of an epoch is a function of (seed, rank, epoch): ranks augment
         # differently, and a resumed or restarted run replays the epoch it would have run.
         seed_everything(recipe.train.seed + 1_000_003 * rank + 7_919 * epoch)
-        if world > 1:
-            train_loader.sampler.set_epoch(epoch)
-        elif train_loader.generator is not None:
-            train_loader.generator.manual_seed(recipe.train.seed + epoch)
+        data.set_epoch(epoch)
 
     def on_epoch_end(metrics: dict[str, float]) -> None:
         if job.fail_at_epoch == run.epoch and started_at == 0 and rank == world - 1:
             raise InjectedFailure(f"injected failure on rank {rank} after epoch {run.epoch}")
         metrics["epoch_wall_s"] = time.perf_counter() - epoch_started
+        metrics["skipped_images"] = data.skipped_images()
         metadata.history.append(dict(metrics))
         metadata.metrics = dict(metrics)
         with tempfile.TemporaryDirectory() as staging:
@@ -266,20 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 checkpoint_dir_name=f"epoch_{run.epoch:04d}",
             )
 
-    fit(run, train_loader, valid_loader, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
+    fit(run, data.train, data.valid, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
     return {"started_at_epoch": started_at}
-
-
-def _exact_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
-    """Every rank-th image, no padding: all-reduced sums then count each image exactly once
-    (a DistributedSampler would repeat images to even out the shards)."""
-    dataset = loader.dataset
-    return DataLoader(
-        Subset(dataset, range(rank, len(dataset), world)),
-        batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-    )
 
 
 def _job_from_dict(values: dict[str, Any]) -> TrainJob:
@@ -417,6 +402,7 @@ def run_training(job: TrainJob) -> TrainOutcome:
     splits = prepare_dataset(job.recipe.data, job.cache_dir)
     job = replace(job, recipe=fit_recipe_to_data(job.recipe, splits))
     logger.info("data: %s", data_label(splits))
+    job = _resolve_data_mode(job, splits)
     if job.teacher:
         check_teacher(job.teacher, splits.classes)  # here, before any worker starts
 
@@ -438,6 +424,17 @@ def run_training(job: TrainJob) -> TrainOutcome:
         raise
     tracker.close()
     return outcome
+
+
+def _resolve_data_mode(job: TrainJob, splits: DatasetSplits) -> TrainJob:
+    """`--data-mode auto` decided once, here, and said: workers of one machine share its memory
+    (locally all of them; on a cluster, one Train worker per pod as cluster/ lays them out)."""
+    per_node = job.num_workers if cluster_is_local() else 1
+    choice = choose_data_mode(job.recipe.data, splits, workers_per_node=per_node)
+    print(f"data mode: {choice.mode}, {choice.reason}", flush=True)
+    recipe = job.recipe.copy()
+    recipe.data = replace(recipe.data, data_mode=choice.mode)
+    return replace(job, recipe=recipe)
 
 
 def _train_and_export(

@@ -1,0 +1,172 @@
+"""The streaming data path: trains like the cache, keeps memory flat, skips bad files, and `auto`
+chooses between the two by size. Tiny generated data; no Ray (the resumed Ray run is in
+tests/test_stream_job.py)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitbirds.config import DataConfig, TrainConfig
+from vitbirds.data import discover_dataset, make_loaders, make_synthetic_dataset
+from vitbirds.data.sources import DatasetSplits, Sample
+from vitbirds.data.streaming import choose_data_mode, make_stream_loaders
+from vitbirds.devices import resolve_device
+from vitbirds.errors import ConfigError
+from vitbirds.model.vit import build_model
+from vitbirds.presets import get_recipe
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(splits: DatasetSplits, mode: str) -> list[dict[str, float]]:
+    recipe = get_recipe("vit-test")
+    recipe.train = replace(recipe.train, epochs=4, batch_size=16)
+    recipe.model.num_classes = len(splits.classes)
+    # Decoding in the main process: both paths then draw augmentations from the same RNG.
+    data_cfg = replace(recipe.data, stream_workers=0)
+    seed_everything(0)
+    if mode == "cache":
+        train, valid, _ = make_loaders(splits, data_cfg, recipe.train)
+    else:
+        train, valid, _ = make_stream_loaders(splits, data_cfg, recipe.train)
+    run = TrainingRun(
+        build_model(recipe.model), recipe.train, steps_per_epoch=len(train),
+        device=resolve_device("cpu"),
+    )  # fmt: skip
+
+    def before_epoch(epoch: int) -> None:
+        seed_everything(100 + epoch)
+        if mode == "stream":
+            train.set_epoch(epoch)
+        else:
+            train.generator.manual_seed(recipe.train.seed + epoch)
+
+    return fit(run, train, valid, before_epoch=before_epoch)
+
+
+def test_stream_and_cache_train_the_same_model_to_the_same_accuracy(tmp_path) -> None:
+    root = make_synthetic_dataset(tmp_path / "birds", num_classes=3, images_per_class=30)
+    splits = discover_dataset(root)
+    cached, streamed = _train(splits, "cache"), _train(splits, "stream")
+    assert abs(cached[-1]["val_top1"] - streamed[-1]["val_top1"]) <= 0.05, (cached, streamed)
+    assert streamed[-1]["train_loss"] < streamed[0]["train_loss"]  # it trained, as the cache did
+
+
+def _splits(count: int) -> DatasetSplits:
+    samples = [Sample(Path(f"/data/{i}.jpg"), 0) for i in range(count)]
+    return DatasetSplits(["a"], samples, samples[:1], [], source="imagefolder", root=Path("/"))
+
+
+def test_auto_streams_above_the_memory_budget_and_caches_below() -> None:
+    config = DataConfig(image_size=224, cache_budget_gib=4.0)  # 258^2 x 3 = 0.2 MB per image
+    small = choose_data_mode(config, _splits(5_000), workers_per_node=2)  # 2 GB
+    large = choose_data_mode(config, _splits(20_000), workers_per_node=2)  # 8 GB
+    assert small.mode == "cache" and "fits the 4 GiB cache budget" in small.reason
+    assert large.mode == "stream" and "exceeds the 4 GiB cache budget" in large.reason
+    assert "20001 images at 224 px x 2 worker(s)" in large.reason
+
+
+def test_an_explicit_data_mode_is_kept_and_a_bad_one_is_named() -> None:
+    config = DataConfig(image_size=224, data_mode="cache", cache_budget_gib=0.001)
+    assert choose_data_mode(config, _splits(20_000), workers_per_node=2).mode == "cache"
+    with pytest.raises(
+        ConfigError, match="data_mode must be one of auto, cache, stream, got 'disk'"
+    ):
+        DataConfig(data_mode="disk")
+
+
+def _noise_images(folder: Path, count: int, size: int) -> None:
+    """Random colour gradients: distinct images that are quick to write and to decode."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.0, 1.0, size)[None, :, None]
+    for index in range(count):
+        class_dir = folder / "train" / f"c{index % 2}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        start, end = rng.integers(0, 256, (2, 1, 1, 3))
+        pixels = np.broadcast_to(start + (end - start) * ramp, (size, size, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(class_dir / f"{index}.jpg", quality=80)
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys
+    from vitbirds.config import DataConfig, TrainConfig
+    from vitbirds.data import discover_dataset, make_loaders
+    from vitbirds.data.streaming import make_stream_loaders
+
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    splits = discover_dataset(sys.argv[1])
+    data_cfg = DataConfig(image_size=128, stream_workers=0)
+    growth = {}
+    # Stream first: the peak only rises, so the cache's measurement cannot hide the stream's.
+    for mode, make in (("stream", make_stream_loaders), ("cache", make_loaders)):
+        before = rss_mib()
+        train, valid, _ = make(splits, data_cfg, TrainConfig(batch_size=32))
+        for _ in train:
+            pass
+        growth[mode] = peak_mib() - before
+        del train, valid
+    print(json.dumps(growth))
+    """
+)
+
+
+def _data_path_growth(root: Path) -> dict[str, float]:
+    """Per mode, peak RSS over building the loaders and one epoch minus RSS before (MiB), in a
+    fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(root)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_streaming_worker_s_memory_stays_flat_when_the_dataset_grows_4x(tmp_path) -> None:
+    small, large = tmp_path / "small", tmp_path / "large"
+    _noise_images(small, 250, 128)
+    _noise_images(large, 1000, 128)
+    before, after = _data_path_growth(small), _data_path_growth(large)
+    growth = {mode: after[mode] - before[mode] for mode in ("stream", "cache")}
+    # The cache holds 750 more images of 147^2 x 3 bytes (49 MiB): the measurement sees growth.
+    assert growth["cache"] > 30, (before, after)
+    assert growth["stream"] < 10, (before, after)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_undecodable_file_in_the_stream_is_skipped_and_counted(tmp_path, caplog, workers):
+    _noise_images(tmp_path, 20, 40)
+    bad = tmp_path / "train" / "c1" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    splits = discover_dataset(tmp_path)
+    train, _, _ = make_stream_loaders(
+        splits, DataConfig(image_size=32, stream_workers=workers), TrainConfig(batch_size=8)
+    )
+    labels = [label for _, batch_labels in train for label in batch_labels.tolist()]
+    assert len(labels) == len(splits.train) - 1
+    assert len(train.skipped) == 1 and str(bad) in train.skipped[0]
+    assert "skipped 1 image(s) that could not be decoded" in caplog.text
+    list(train)  # a second epoch meets the same file: still one
+    assert len(train.skipped) == 1
+
+
+def test_the_stream_yields_the_test_split_and_splits_valid_exactly_between_ranks(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "birds", num_classes=3, images_per_class=20)
+    splits = discover_dataset(root)
+    config, train_cfg = DataConfig(image_size=32, stream_workers=0), TrainConfig(batch_size=4)
+    shards = [make_stream_loaders(splits, config, train_cfg, rank=r, world=2) for r in (0, 1)]
+    valid_seen = sum(labels.numel() for shard in shards for _, labels in shard[1])
+    test_seen = sum(labels.numel() for shard in shards for _, labels in shard[2])
+    assert (valid_seen, test_seen) == (len(splits.valid), len(splits.test))

@@ -1,0 +1,246 @@
+"""Stream images from disk: each training worker decodes only its own shard, lazily, every epoch.
+
+Why this and not the decode-once cache (`loading.py`): the cache holds every image of train and
+valid in every worker, N * (1.15 * image_size)^2 * 3 bytes each (85k Kaggle photos at 224 px:
+17 GB per worker), so memory grows with the dataset. Here a worker holds only the file list and
+the batches in flight: DataLoader processes (`DataConfig.stream_workers`) read, decode (JPEG DCT
+scaling, `images.load_rgb`) and augment a sample at a time, so memory is bounded by
+workers x prefetch x batch, whatever the dataset size.
+
+Why this and not Ray Data (file list -> `map_batches` decode -> `get_dataset_shard` +
+`iter_torch_batches`), measured on the same 2-core machine (jobs/bench_data.py and the issue-14
+note): Ray Data delivered fewer images/s from the same cores (its object store round trip and
+task scheduling cost more than a DataLoader worker's shared-memory queue at 224 px), held the
+decoded blocks in the object store (more node memory), and made exact resume and seeded shuffling
+harder (its shuffle is per block/buffer, and an epoch is replayed from the start anyway). Its one
+advantage, a CPU pool feeding a GPU pool across nodes, is not needed while a GPU pod's own cores
+decode faster than one GPU trains ViT-S/16 at 224 px (about 6 cores x ~250 images/s each against
+~1,500 images/s of bf16 training on an L4 class GPU: close, and revisited when GPU figures exist).
+
+Semantics shared with the cache: the same transforms, the same seeded order (a generator reseeded
+per epoch, or a DistributedSampler with the seed and `set_epoch`), valid/test split exactly
+rank::world so all-reduced metrics count each image once. DataLoader workers are not persistent:
+each epoch's worker RNGs then derive from that epoch's seed, so a resumed run replays the epoch
+exactly as an uninterrupted one would. Undecodable files are skipped, counted and named in one
+warning per pass; they cost a smaller batch, never a failed epoch.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from vitbirds.config import DataConfig, TrainConfig
+from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from vitbirds.data.sources import DatasetSplits, Sample
+from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from vitbirds.errors import DataError, ImageDecodeError
+
+logger = logging.getLogger(__name__)
+
+_SKIPPED_SHOWN = 5
+_BYTES_PER_GIB = 1024**3
+
+Item = tuple[torch.Tensor | None, int, str | None]  # (image or None, label, why it was skipped)
+
+
+class LazyImageDataset(Dataset[Item]):
+    """(transformed image, label, None) per sample, decoded on every access; (None, label,
+    reason) for a file that cannot be decoded, which `collate_skipping` drops and counts."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        decode_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.decode_size = decode_size
+        self.max_pixels = max_pixels
+
+    @property
+    def labels(self) -> list[int]:
+        return [sample.label for sample in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        sample = self.samples[index]
+        try:
+            image = load_rgb(sample.path, short_side=self.decode_size, max_pixels=self.max_pixels)
+        except ImageDecodeError as exc:
+            return None, sample.label, str(exc)
+        # HWC viewed as CHW without a copy, as the cache stores it (loading.py).
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return self.transform(tensor), sample.label, None
+
+
+@dataclass
+class StreamBatch:
+    images: torch.Tensor  # [B, 3, H, W]; B may be 0 when every file of the batch was bad
+    labels: torch.Tensor
+    skipped: list[str]  # reasons, each naming its file
+
+    def pin_memory(self) -> "StreamBatch":
+        """Called by the DataLoader's pinning thread on CUDA machines (faster host-to-GPU)."""
+        return StreamBatch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+
+
+def collate_skipping(items: list[Item]) -> StreamBatch:
+    good = [(image, label) for image, label, _ in items if image is not None]
+    skipped = [reason for image, _, reason in items if image is None and reason is not None]
+    if not good:
+        return StreamBatch(torch.empty(0), torch.empty(0, dtype=torch.int64), skipped)
+    images = torch.stack([image for image, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    return StreamBatch(images, labels, skipped)
+
+
+class StreamLoader:
+    """Iterates a DataLoader of `StreamBatch`es as (images, labels) pairs, as the training loop
+    expects, keeping count of the files it had to skip (each named once in the log)."""
+
+    def __init__(self, loader: DataLoader, *, seed: int) -> None:
+        self.loader = loader
+        self.seed = seed
+        self.skipped: list[str] = []  # each bad file's reason (naming it), in order found
+        self._known: set[str] = set()
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch's order: a function of (seed, epoch) on every rank, resumed or not."""
+        sampler = self.loader.sampler
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        elif self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        new: list[str] = []
+        seen = 0
+        for batch in self.loader:
+            for reason in batch.skipped:
+                if reason not in self._known:
+                    self._known.add(reason)
+                    self.skipped.append(reason)
+                    new.append(reason)
+            if batch.labels.numel():
+                seen += batch.labels.numel()
+                yield batch.images, batch.labels
+        if new:
+            more = len(new) - _SKIPPED_SHOWN
+            logger.warning(
+                "skipped %d image(s) that could not be decoded: %s%s",
+                len(new),
+                "; ".join(new[:_SKIPPED_SHOWN]),
+                f" and {more} more" if more > 0 else "",
+            )
+        if seen == 0 and len(self.loader.dataset) > 0 and self.skipped:
+            raise DataError(
+                f"none of the {len(self.loader.dataset)} images of this shard could be decoded; "
+                f"first: {self.skipped[0]}"
+            )
+
+
+def make_stream_loaders(
+    splits: DatasetSplits,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    cpus: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[StreamLoader, StreamLoader, StreamLoader | None]:
+    """(train, valid, test) streaming loaders of this rank's shard; test None without a test split.
+
+    Train: shuffled (a DistributedSampler when `world` > 1, as Ray's `prepare_data_loader` would
+    add); valid and test: every world-th image from `rank`, no padding. `cpus`: this worker's
+    cores (default: the machine's), which size the decoding pool when the config leaves it open.
+    """
+    decode_size = round(data_cfg.image_size * data_cfg.decode_scale)
+    eval_tf = eval_transform(data_cfg.image_size, mean, std, resize_scale=data_cfg.decode_scale)
+    workers = data_cfg.stream_workers
+    if workers is None:  # the Ray adapter passes the Train worker's own CPU count
+        workers = max(1, (cpus or os.cpu_count() or 1) - 1)
+
+    def loader(samples: list[Sample], transform: Callable, train: bool) -> StreamLoader:
+        dataset: Dataset = LazyImageDataset(samples, transform, decode_size=decode_size)
+        sampler, generator = None, None
+        if train and world > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
+            )
+        elif train:
+            generator = torch.Generator().manual_seed(train_cfg.seed)
+        elif world > 1:
+            dataset = Subset(dataset, range(rank, len(samples), world))
+        return StreamLoader(
+            DataLoader(
+                dataset,
+                batch_size=train_cfg.batch_size,
+                shuffle=train and sampler is None,
+                sampler=sampler,
+                generator=generator,
+                num_workers=workers,
+                collate_fn=collate_skipping,
+                prefetch_factor=2 if workers > 0 else None,
+                pin_memory=torch.cuda.is_available(),
+            ),
+            seed=train_cfg.seed,
+        )
+
+    return (
+        loader(splits.train, train_transform(data_cfg, mean, std), train=True),
+        loader(splits.valid, eval_tf, train=False),
+        loader(splits.test, eval_tf, train=False) if splits.test else None,
+    )
+
+
+@dataclass(frozen=True)
+class DataModeChoice:
+    mode: str  # "cache" | "stream"
+    reason: str
+
+
+def cache_bytes(num_images: int, data_cfg: DataConfig) -> int:
+    """What the decode-once cache of `num_images` holds in one worker (uint8, square images
+    decoded at image_size * decode_scale)."""
+    side = round(data_cfg.image_size * data_cfg.decode_scale)
+    return num_images * side * side * 3
+
+
+def choose_data_mode(
+    data_cfg: DataConfig, splits: DatasetSplits, *, workers_per_node: int
+) -> DataModeChoice:
+    """`data_cfg.data_mode`, with `auto` resolved: the cache when every worker of a node can
+    hold its decoded train + valid images within `cache_budget_gib`, else streaming."""
+    images = len(splits.train) + len(splits.valid)
+    node_bytes = cache_bytes(images, data_cfg) * workers_per_node
+    estimate = (
+        f"{images} images at {data_cfg.image_size} px x {workers_per_node} worker(s) "
+        f"= {node_bytes / _BYTES_PER_GIB:.1f} GiB decoded"
+    )
+    budget = f"the {data_cfg.cache_budget_gib:g} GiB cache budget"
+    if data_cfg.data_mode != "auto":
+        return DataModeChoice(data_cfg.data_mode, f"asked for ({estimate} if cached)")
+    if node_bytes <= data_cfg.cache_budget_gib * _BYTES_PER_GIB:
+        return DataModeChoice("cache", f"{estimate} fits {budget}: decode once, fastest epochs")
+    return DataModeChoice(
+        "stream", f"{estimate} exceeds {budget}: each worker decodes its own shard per epoch"
+    )

@@ -17,9 +17,9 @@ ARG MODEL_SOURCE=storage
 
 FROM rayproject/ray:${RAY_VERSION}-py311-${RAY_VARIANT} AS app
 
-# Empty: PyPI's torch (the CUDA build that pyproject.toml pins). For the CPU image, or for nodes
-# whose NVIDIA driver is older than that CUDA, pass a PyTorch wheel index (.../whl/cpu,
-# .../whl/cu126).
+# Empty: PyPI's torch, the CUDA build requirements.lock pins with its hashes. For the CPU image,
+# or for nodes whose NVIDIA driver is older than that CUDA, pass a PyTorch wheel index
+# (.../whl/cpu, .../whl/cu126): see the install step for what that changes.
 ARG TORCH_INDEX_URL=""
 
 # The jobs run `python /home/ray/app/jobs/...` and Serve imports `serve.app:app`: both need the
@@ -35,12 +35,26 @@ ENV PYTHONPATH=/home/ray/app \
 USER 1000:100
 # BuildKit creates the WORKDIR as the current USER, so pip can build in it.
 WORKDIR /home/ray/app
-COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 requirements.lock pyproject.toml README.md ./
 COPY --chown=1000:100 vitbirds/ vitbirds/
-# A local version such as torch 2.14.1+cpu satisfies the pin torch==2.14.1, so an extra index
-# swaps the wheel's flavour without a second copy of the version numbers.
-RUN python -m pip install --no-cache-dir \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
+# requirements.lock, every file checked against its hash: the environment CI tested (.ci/run
+# installs the same file). --no-deps: the lock names every package; this package itself adds none.
+# The one exception is TORCH_INDEX_URL: PyTorch's own index serves other files (2.14.1+cpu, ...)
+# than PyPI's, whose hashes the lock cannot hold, since it is made from PyPI's; torch and
+# torchvision then come from that index pinned by the lock's version only, and the lock's other
+# packages minus the CUDA ones (nvidia-*, triton) are installed hash-checked as usual.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        awk '/^(torch|torchvision)==/ { print $1 }' requirements.lock > /tmp/torch.txt \
+        && python -m pip install --no-cache-dir --no-deps --index-url "$TORCH_INDEX_URL" \
+            -r /tmp/torch.txt \
+        && awk '/^[^ #]/ { skip = ($0 ~ /^(torch|torchvision|triton|nvidia-[a-z0-9-]+)==/) } !skip' \
+            requirements.lock > /tmp/requirements.lock; \
+    else \
+        cp requirements.lock /tmp/requirements.lock; \
+    fi \
+    && python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.lock \
+    && python -m pip install --no-cache-dir --no-deps . \
+    && rm -f /tmp/requirements.lock /tmp/torch.txt \
     && python -c "import torch, ray, vitbirds; print(torch.__version__, ray.__version__)"
 COPY --chown=1000:100 jobs/ jobs/
 COPY --chown=1000:100 serve/ serve/

@@ -1,11 +1,19 @@
-"""Shared fixtures: real data from ../shared/data and one local Ray for the whole session."""
+"""Shared fixtures: the photos (real where ../shared/data is present, else a generated stand-in),
+the seed of statistical tests, one local Ray for the whole session, and a record of every skip.
 
+Skips are written, with their reasons, to `$VITBIRDS_SKIP_REPORT` (JSON) when it is set:
+`.ci/run` reads it, prints how many tests skipped and why, and fails when any skipped for missing
+data or a missing browser (tests/skip_reasons.py)."""
+
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ray_head import token_auth_head
+from skip_reasons import MISSING_DATA, REAL_PHOTOS_MARK
+from standin_data import CUB, KAGGLE, make_standin_shared_data
 
 from vitbirds.paths import shared_data_dir
 
@@ -14,13 +22,70 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared real-photo datasets; tests that need them skip where they are absent."""
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{REAL_PHOTOS_MARK}: measures what only the real photos of ../shared/data show; skips "
+        "(counted by .ci/run) where they are absent",
+    )
+
+
+_SKIPS: list[dict] = []
+
+
+def _record_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _SKIPS.append(
+            {
+                "test": report.nodeid,
+                "reason": reason.removeprefix("Skipped: "),
+                "real_photos": REAL_PHOTOS_MARK in getattr(report, "keywords", {}),
+            }
+        )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A module that skips as a whole (a module-level importorskip) skips at collection."""
+    _record_skip(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = os.environ.get("VITBIRDS_SKIP_REPORT")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        report = {"exitstatus": int(exitstatus), "collected": session.testscollected}
+        Path(path).write_text(json.dumps({**report, "skipped": _SKIPS}, indent=2) + "\n")
+
+
+def real_shared_data() -> Path | None:
+    """The real shared datasets, or None when either is absent (an empty $VITBIRDS_DATA too)."""
     root = shared_data_dir()
+    if root is None or not ((root / CUB).is_dir() and (root / KAGGLE).is_dir()):
+        return None
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cub100/` and `kaggle-birds525-valid/`: the real photos where present, else a generated
+    stand-in with the same layout and counts (tests/standin_data.py), made once per session."""
+    return real_shared_data() or make_standin_shared_data(tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="session")
+def real_photos() -> Path:
+    """The real photos only, for tests marked `real_photos`; skips where they are absent."""
+    root = real_shared_data()
     if root is None:
         pytest.skip(
-            "shared data not found: set VITBIRDS_DATA or place ../shared/data beside the repo"
+            f"{MISSING_DATA} real photos not found (set VITBIRDS_DATA or place ../shared/data "
+            "beside the repo)"
         )
     return root
 

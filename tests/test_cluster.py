@@ -521,7 +521,15 @@ def test_image_names_agree_across_cloudbuild_kustomization_and_manifests():
     image = "${_IMAGE}:${_TAG}"
     assert _step(build, "push")["args"] == ["push", image]
     assert build["images"] == [image]
-    assert _step(build, "set-image")["args"] == ["edit", "set", "image", f"{entry['name']}={image}"]
+    # Deployed by digest: the step after the push reads it from the registry's answer.
+    steps = [s.get("id") for s in build["steps"]]
+    assert steps.index("push") < steps.index("digest") < steps.index("set-image")
+    digest_script = _step(build, "digest")["args"][-1]
+    assert f'{{{{index .RepoDigests 0}}}}\' "{image}" > image.ref' in digest_script
+    assert "${_IMAGE}@sha256:[0-9a-f]{64}" in digest_script
+    set_image = _step(build, "set-image")
+    assert set_image["dir"] == "cluster"
+    assert f'kustomize edit set image "{entry["name"]}=$$(cat ../image.ref)"' in set_image["args"]
     # Same repository name in both places, and the tag is the commit, never a moving one.
     registry_image = build["substitutions"]["_IMAGE"]
     assert registry_image.rsplit("/", 1)[1] == entry["newName"].rsplit("/", 1)[1]
@@ -545,8 +553,9 @@ def test_kustomize_build_puts_in_the_build_image_and_the_bucket(tmp_path):
     # What cloudbuild.yaml's render and set-image steps do, with made-up values.
     (work / "settings.env").write_text("bucket=proj-vitbirds\n")
     kustomization = _kustomization()
+    digest = "sha256:" + "0123456789abcdef" * 4
     kustomization["images"] = [
-        {"name": "vitbirds", "newName": "us-docker.pkg.dev/proj/repo/vitbirds", "newTag": "abc1234"}
+        {"name": "vitbirds", "newName": "us-docker.pkg.dev/proj/repo/vitbirds", "digest": digest}
     ]
     (work / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     out = subprocess.run(
@@ -555,7 +564,7 @@ def test_kustomize_build_puts_in_the_build_image_and_the_bucket(tmp_path):
     rendered = list(yaml.safe_load_all(out))
 
     images = set(re.findall(r"^\s*-?\s*image: (\S+)$", out, re.M))
-    assert images == {"us-docker.pkg.dev/proj/repo/vitbirds:abc1234"}
+    assert images == {f"us-docker.pkg.dev/proj/repo/vitbirds@{digest}"}
     (volume,) = [d for d in rendered if d["kind"] == "PersistentVolume"]
     assert volume["spec"]["csi"]["volumeHandle"] == "proj-vitbirds"
     assert "ConfigMap" not in {d["kind"] for d in rendered}, "settings are build-time only"
@@ -630,6 +639,7 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
         ("serve/.env", True),
         ("service-account-key.json", True),
         ("pyproject.toml", False),
+        ("requirements.lock", False),
         ("README.md", False),
         ("vitbirds/model/vit.py", False),
         ("jobs/train.py", False),
@@ -661,12 +671,16 @@ def test_workflow_validates_against_the_github_actions_schema():
     _check_jsonschema("vendor.github-workflows", REPO / ".github" / "workflows" / "ci.yml")
 
 
-def test_workflow_runs_the_ci_script_on_python_3_11():
+def test_workflow_runs_the_ci_script_on_python_3_11_with_debians_chromium():
     workflow = yaml.safe_load((REPO / ".github" / "workflows" / "ci.yml").read_text())
     (job,) = workflow["jobs"].values()
     steps = job["steps"]
-    assert any(s.get("with", {}).get("python-version") == "3.11" for s in steps)
-    assert any(s.get("run", "").endswith("bash .ci/run") for s in steps)
+    # Cloud Build's test step runs in the same image: one environment for both CIs.
+    assert job["container"] == _step(_cloudbuild(), "test")["name"]
+    assert job["container"].startswith("python:3.11-bookworm")
+    installs = [s["run"] for s in steps if "apt-get install" in s.get("run", "")]
+    assert installs and "chromium chromium-driver" in installs[0]
+    assert steps[-1]["run"] == "bash .ci/run"
 
 
 def test_cloudbuild_validates_against_its_schema():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from reproducible import TEST_SEED, reproducible
 
 from jobs.benchlib.shifts import Subject, label_shift, noise_images, train_subject
 from serve.drift_gauges import DriftWatcher
@@ -56,12 +57,15 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 def subject(tmp_path_factory) -> Subject:
     """vit-test on 6 synthetic species (~60% valid top-1, ~10 s of CPU), 126 held-out images."""
     root = make_synthetic_dataset(
-        tmp_path_factory.mktemp("data") / "birds", images_per_class=120, image_size=37
-    )
+        tmp_path_factory.mktemp("data") / "birds", images_per_class=120, image_size=37,
+        seed=TEST_SEED,
+    )  # fmt: skip
     recipe = get_recipe("vit-test")
-    recipe.data = replace(recipe.data, color_jitter=0.0)  # colour tells the species apart
-    recipe.train = replace(recipe.train, epochs=30, batch_size=16, device="cpu")
-    return train_subject(root, recipe, tmp_path_factory.mktemp("model") / "model")
+    # colour tells the species apart
+    recipe.data = replace(recipe.data, color_jitter=0.0, seed=TEST_SEED)
+    recipe.train = replace(recipe.train, epochs=30, batch_size=16, device="cpu", seed=TEST_SEED)
+    with reproducible():
+        return train_subject(root, recipe, tmp_path_factory.mktemp("model") / "model")
 
 
 @pytest.fixture(scope="module")

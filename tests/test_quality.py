@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reproducible import TEST_SEED, reproducible
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -90,15 +91,16 @@ def test_a_plain_vit_has_no_distillation_parameters() -> None:
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_the_teacher_is_consulted_on_every_training_image_and_pulls_the_dist_head(kind) -> None:
-    seed_everything(0)
-    model = VisionTransformer(ModelConfig(**SMALL, distill_token=True))
     teacher = CountingTeacher()
     config = TrainConfig(
-        epochs=8, lr=3e-3, warmup_epochs=1, distillation=kind, distill_temperature=1.0
-    )
-    run = TrainingRun(model, config, steps_per_epoch=2, device=torch.device("cpu"),
-                      teacher=teacher)  # fmt: skip
-    fit(run, _loader(), _loader())
+        epochs=8, lr=3e-3, warmup_epochs=1, distillation=kind, distill_temperature=1.0,
+        seed=TEST_SEED,
+    )  # fmt: skip
+    with reproducible():
+        model = VisionTransformer(ModelConfig(**SMALL, distill_token=True))
+        run = TrainingRun(model, config, steps_per_epoch=2, device=torch.device("cpu"),
+                          teacher=teacher)  # fmt: skip
+        fit(run, _loader(), _loader())
     assert teacher.images_seen == 8 * 40
     model.distilled_training, model.training = True, True
     with torch.no_grad():
@@ -221,7 +223,7 @@ def test_small_data_preset_is_vit_cpu_with_a_conv_stem() -> None:
 def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path, tokenizer) -> None:
     classes = 4
     root = make_synthetic_dataset(
-        tmp_path / "data", num_classes=classes, images_per_class=60, image_size=32, seed=0
+        tmp_path / "data", num_classes=classes, images_per_class=60, image_size=32, seed=TEST_SEED
     )
     splits = discover_dataset(root)
     recipe = get_recipe("vit-cpu-small-data")
@@ -233,24 +235,26 @@ def test_every_option_on_learns_above_chance_on_synthetic_data(tmp_path, tokeniz
     recipe.data = DataConfig(
         image_size=32, trivialaugment=True, random_erasing=0.1, mixup=0.2, cutmix=0.2
     )
-    recipe.train = TrainConfig(epochs=25, batch_size=16, lr=3e-3, warmup_epochs=2, ema_decay=0.9)
-    seed_everything(0)
-    train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
-    cpu = torch.device("cpu")
-    cnn = _small_cnn(classes)
-    cnn_config = TrainConfig(epochs=10, batch_size=16, lr=3e-3, warmup_epochs=1)
-    cnn_run = TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu)
-    teacher_top1 = fit(cnn_run, train_loader, valid_loader)[-1]["val_top1"]
-    teacher = CountingTeacher(cnn, num_classes=classes)
-    run = TrainingRun(
-        VisionTransformer(recipe.model),
-        recipe.train,
-        steps_per_epoch=len(train_loader),
-        device=cpu,
-        mixer=batch_mixer(recipe.data, classes),
-        teacher=teacher,
+    recipe.train = TrainConfig(
+        epochs=25, batch_size=16, lr=3e-3, warmup_epochs=2, ema_decay=0.9, seed=TEST_SEED
     )
-    history = fit(run, train_loader, valid_loader)
+    with reproducible():
+        train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
+        cpu = torch.device("cpu")
+        cnn = _small_cnn(classes)
+        cnn_config = TrainConfig(epochs=10, batch_size=16, lr=3e-3, warmup_epochs=1)
+        cnn_run = TrainingRun(cnn, cnn_config, steps_per_epoch=len(train_loader), device=cpu)
+        teacher_top1 = fit(cnn_run, train_loader, valid_loader)[-1]["val_top1"]
+        teacher = CountingTeacher(cnn, num_classes=classes)
+        run = TrainingRun(
+            VisionTransformer(recipe.model),
+            recipe.train,
+            steps_per_epoch=len(train_loader),
+            device=cpu,
+            mixer=batch_mixer(recipe.data, classes),
+            teacher=teacher,
+        )
+        history = fit(run, train_loader, valid_loader)
     assert teacher.images_seen == 25 * len(train_loader.dataset)
     accuracy = [m["val_top1"] for m in history]
     assert history[-1]["val_top1"] > 1 / classes + 0.1, (teacher_top1, accuracy)

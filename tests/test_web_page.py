@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 from ray import serve
+from skip_reasons import MISSING_BROWSER
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
@@ -21,7 +22,7 @@ SCREENSHOTS = repo_root() / "runs" / "screenshots"
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="needs /usr/bin/chromium and /usr/bin/chromedriver "
+    reason=f"{MISSING_BROWSER} needs /usr/bin/chromium and /usr/bin/chromedriver "
     "(apt-get install chromium chromium-driver)",
 )
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -42,7 +43,8 @@ CHROMIUM_FLAGS = (
 
 @pytest.fixture(scope="module")
 def photo(shared_data: Path) -> Path:
-    return sorted((shared_data / "cub100" / "valid" / "Barn_Swallow").glob("*.jpg"))[0]
+    valid = shared_data / "cub100" / "valid"
+    return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ from vitbirds.model.explain import (
     render_overlay,
 )
 from vitbirds.model.files import LoadedModel
+from vitbirds.progress import default_progress
 from vitbirds.training.tracking import Tracker
 
 METRICS_FILE = "metrics.json"
@@ -160,7 +161,8 @@ def evaluate_model(
         evaluated += dataset.samples
         skipped += dataset.skipped
         with torch.inference_mode():
-            for images, _ in DataLoader(dataset, batch_size=config.batch_size):
+            batches = DataLoader(dataset, batch_size=config.batch_size)
+            for images, _ in default_progress()(batches, desc=f"evaluate {split}"):
                 probs.append(model(images.to(device)).float().softmax(dim=-1).cpu())
     inference_s = time.perf_counter() - started
 

@@ -39,6 +39,7 @@ from vitbirds.evaluation.metrics import classification_report
 from vitbirds.model.files import LoadedModel, ModelMetadata
 from vitbirds.monitoring.drift import atc_threshold, fit_temperature
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, EMBEDDING_SEED, EmbeddingProjector
+from vitbirds.progress import default_progress
 
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"
@@ -133,7 +134,8 @@ def model_outputs(
         )
     projector = EmbeddingProjector(loaded.metadata.model_config.dim)
     logits, embeddings, labels = [], [], []
-    for batch, batch_labels in DataLoader(images, batch_size=batch_size):
+    batches = DataLoader(images, batch_size=batch_size)
+    for batch, batch_labels in default_progress()(batches, desc="model outputs"):
         features = model.forward_features(batch.to(device))
         logits.append(model.forward_head(features).float().cpu())
         embeddings.append(projector(features[:, 0]))

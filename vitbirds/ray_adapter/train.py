@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.experimental import tqdm_ray
 from torch.utils.data import DataLoader, Subset
 
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
@@ -45,14 +46,21 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.model.files import load_model, read_metadata, save_model
+from vitbirds.model.files import ModelMetadata, load_model, read_metadata, save_model
 from vitbirds.presets import Recipe
+from vitbirds.progress import no_progress, set_default_progress
 from vitbirds.training.loop import (
     TrainingRun,
     fit,
     load_checkpoint,
     save_checkpoint,
     seed_everything,
+)
+from vitbirds.training.registry import (
+    CHALLENGER,
+    DEFAULT_MODEL_NAME,
+    ModelVersion,
+    register_export,
 )
 from vitbirds.training.runner import (
     build_metadata,
@@ -63,7 +71,7 @@ from vitbirds.training.runner import (
     load_teacher,
     prepare_dataset,
 )
-from vitbirds.training.tracking import Tracker, make_tracker
+from vitbirds.training.tracking import MlflowTracker, Tracker, make_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,10 @@ class TrainJob:
     evaluate: bool = True
     export_dir: str | None = None  # a stable copy of the exported model, e.g. models/latest
     cache_dir: str | None = None  # generated synthetic data; None: vitbirds.training.runner default
+    # With the MLflow tracker the export becomes a version of this registered model, aliased
+    # `challenger` (vitbirds.training.registry); jobs/promote.py decides if it becomes champion.
+    register: bool = True
+    registered_model: str = DEFAULT_MODEL_NAME
     # Test hook: the worker group that started from scratch fails after training this epoch and
     # before reporting it, so Ray Train must restart from the previous epoch's checkpoint.
     fail_at_epoch: int | None = None
@@ -213,6 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.cpus_per_worker)
+    # Rank 0 draws decoding and each epoch's batches on the driver (and in `ray job submit`).
+    set_default_progress(_ray_bars if rank == 0 else no_progress)
     device = resolve_device("mps") if job.device == "mps" else ray.train.torch.get_device()
 
     # Ray Train routes a few of its INFO lines (one per report) through the root logger.
@@ -281,6 +295,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     fit(run, train_loader, valid_loader, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
     return {"started_at_epoch": started_at}
+
+
+def _ray_bars(iterable: Iterable[Any], *, desc: str, total: int | None = None) -> Iterator[Any]:
+    bar = tqdm_ray.tqdm(iterable, desc=desc, total=total)
+    try:
+        yield from bar
+    finally:
+        bar.close()  # tqdm_ray leaves a finished bar open on the driver otherwise
 
 
 def _exact_shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
@@ -561,6 +583,7 @@ def _train_and_export(
             if (eval_dir / image).is_file():
                 tracker.log_artifact(eval_dir / image, "plots")
         tracker.log_artifact(staging / "model", "model")
+        registered = _register(job, tracker, metadata)
         if job.export_dir:
             _replace_model_dir(staging / "model", Path(job.export_dir))
 
@@ -581,8 +604,21 @@ def _train_and_export(
         export_dir=job.export_dir,
         tracking=_tracking_info(job, tracker),
     )
+    if registered is not None:
+        outcome.tracking["model_uri"] = registered.uri
     tracker.set_tags({"model_dir": model_dir, "started_at_epoch": str(started_at)})
     return outcome
+
+
+def _register(job: TrainJob, tracker: Tracker, metadata: ModelMetadata) -> ModelVersion | None:
+    """The logged model folder as the registry's new challenger (MLflow tracker only)."""
+    if not (job.register and isinstance(tracker, MlflowTracker)):
+        return None
+    version = register_export(
+        tracker.tracking_uri, tracker.run_id, metadata, name=job.registered_model
+    )
+    print(f"registered {version.uri} as {CHALLENGER} ({tracker.tracking_uri})", flush=True)
+    return version
 
 
 def build_trainer(
@@ -720,5 +756,10 @@ def describe_outcome(outcome: TrainOutcome) -> str:
         )
     if outcome.export_dir:
         lines.append(f"exported copy: {outcome.export_dir}")
+    if outcome.tracking.get("model_uri"):
+        lines.append(
+            f"registered: {outcome.tracking['model_uri']} ({CHALLENGER}); promote it with "
+            "jobs/promote.py"
+        )
     lines.append(f"wall time {_duration(outcome.wall_time_s)}")
     return "\n".join(lines)

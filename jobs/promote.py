@@ -193,7 +193,8 @@ def record(registry: Registry, decision: Decision, args: argparse.Namespace) -> 
         tags.update({
             "promotion.champion_top1": f"{comparison.champion_top1:.6g}",
             "promotion.difference": f"{comparison.difference:.6g}",
-            "promotion.ci": f"[{comparison.ci_low:.6g}, {comparison.ci_high:.6g}]",
+            "promotion.ci_low": f"{comparison.ci_low:.6g}",
+            "promotion.ci_high": f"{comparison.ci_high:.6g}",
             "promotion.confidence": str(comparison.confidence),
             "promotion.margin": str(comparison.margin),
             "promotion.images": str(comparison.images),

@@ -37,7 +37,7 @@ from vitbirds.devices import resolve_device
 from vitbirds.errors import DataError, VitbirdsError
 from vitbirds.evaluation.compare import Comparison, GateConfig, paired_bootstrap
 from vitbirds.evaluation.evaluate import EvaluationConfig, evaluate_model
-from vitbirds.model.files import load_model
+from vitbirds.model.files import load_model, read_metadata
 from vitbirds.training.registry import (
     CHALLENGER,
     CHAMPION,
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Decision:
+    """What the gate decided, on which versions, and the figures it rests on."""
+
     promoted: bool
     reason: str
     challenger: ModelVersion
@@ -153,7 +155,7 @@ def decide(args: argparse.Namespace, registry: Registry) -> Decision:
     dirs = {"challenger": registry.download(challenger)}
     if champion is not None:
         dirs["champion"] = registry.download(champion)
-    known = set.intersection(*(set(load_model(d).metadata.class_names) for d in dirs.values()))
+    known = set.intersection(*(set(read_metadata(d).class_names) for d in dirs.values()))
     splits, samples = select_samples(args, known)
     scored = {role: correct_by_path(d, splits, samples, device) for role, d in dirs.items()}
     if champion is None:

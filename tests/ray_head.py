@@ -45,10 +45,6 @@ def token_auth_head(token_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
-    # The raylet's wait for its agents (15 s by default; conftest.py's value, else 120 s): the
-    # RAY_ variables of this process are not passed on, and a loaded machine needs longer.
-    wait = os.environ.get("RAY_raylet_start_wait_time_s", "120")  # noqa: SIM112 (Ray's name)
-    env["RAY_raylet_start_wait_time_s"] = wait
     # Ray 2.60's raylet aborts when its agents take over 15 s to publish their ports, which a
     # busy 2-core machine can cause (ray-project/ray#65983, "node timed out during startup"):
     # a head that dies that way is started again.

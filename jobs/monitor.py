@@ -11,9 +11,15 @@ examples:
     # token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as the Ray CLI reads it)
     python jobs/monitor.py ... --submit --ray-address http://HEAD:8265 \\
         --train-args "--preset vit-cpu"
+    # The closed loop: watch the registry's champion; the retrained model registers as the
+    # challenger and jobs/promote.py decides whether it replaces the champion
+    python jobs/monitor.py --model models:/vitbirds@champion --prediction-log LOG --submit
 
-The model directory needs its reference profile (reference.safetensors + reference.json, written
-at the end of training); `--reference-data DIR` builds one from DIR's valid split for older models.
+--model takes a directory or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), resolved
+in the registry the retraining job registers into (MLFLOW_TRACKING_URI, else the MLflow store under
+--retrain-storage). The model directory needs its reference profile (reference.safetensors +
+reference.json, written at the end of training); `--reference-data DIR` builds one from DIR's
+valid split for older models.
 Writes monitor.json and report.html under --out and logs the headline numbers to the tracker.
 Without --submit a RETRAIN verdict prints the command that would be submitted. Relative paths
 (--model, --out, --storage-path) are relative to the current directory, or to $VITBIRDS_HOME
@@ -64,6 +70,13 @@ from vitbirds.monitoring.reference import (
 from vitbirds.monitoring.report import render_report
 from vitbirds.paths import output_note, output_path, repo_root
 from vitbirds.settings import RunSettings, add_arguments
+from vitbirds.training.registry import (
+    CHALLENGER,
+    ModelVersion,
+    is_model_uri,
+    registry_uri,
+    resolve_model_uri,
+)
 from vitbirds.training.tracking import make_tracker, tracker_hint
 
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
@@ -84,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--model",
         required=True,
-        type=Path,
-        metavar="PATH",
-        help="model directory (with its reference profile)",
+        metavar="PATH|URI",
+        help="model directory (with its reference profile) or a registry URI such as "
+        "models:/vitbirds@champion",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -102,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         metavar="PATH",
-        help="folder for monitor.json and report.html (default: MODEL/monitor)",
+        help="folder for monitor.json and report.html (default: MODEL/monitor, or "
+        "STORAGE_PATH/monitor/NAME-vVERSION for a registry model)",
     )
     add(
         "--window",
@@ -187,6 +201,20 @@ def default_ray_address() -> str:
         if os.environ.get(name, "").startswith(("http://", "https://")):
             return os.environ[name]
     return DEFAULT_RAY_ADDRESS
+
+
+def resolve_model(args: argparse.Namespace) -> ModelVersion | None:
+    """Turns --model into a local directory (args.model); a registry URI is resolved to one
+    version, downloaded, and returned (None for a plain directory)."""
+    if not is_model_uri(args.model):
+        args.model = Path(args.model)
+        return None
+    model_dir, version = resolve_model_uri(
+        args.model, tracking_uri=registry_uri(args.retrain_storage)
+    )
+    print(f"model: {args.model} -> {version.uri}", flush=True)
+    args.model = model_dir
+    return version
 
 
 def monitor_config(args: argparse.Namespace) -> MonitorConfig:
@@ -322,20 +350,34 @@ class SubmissionError(Exception):
 
 
 def submit(
-    address: str, command: list[str], metadata: ModelMetadata, headers: dict[str, str]
+    address: str,
+    command: list[str],
+    metadata: ModelMetadata,
+    headers: dict[str, str],
+    registered: ModelVersion | None = None,
 ) -> str:
-    """Submits `command` with this checkout as the working dir; returns the job id."""
+    """Submits `command` with this checkout as the working dir; returns the job id.
+
+    A shared registry (MLFLOW_TRACKING_URI) goes with the job, so the retrained model registers
+    where the monitored one came from."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(repo_root()),
+        "excludes": WORKING_DIR_EXCLUDES,
+    }
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        runtime_env["env_vars"] = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    job_metadata = {"vitbirds": "retrain", "model_name": metadata.name,
+                    "model_version": metadata.version}  # fmt: skip
+    if registered is not None:
+        job_metadata["registry_version"] = registered.uri
     try:
         client = JobSubmissionClient(address, headers=headers)
         return client.submit_job(
-            entrypoint=shlex.join(command),
-            runtime_env={"working_dir": str(repo_root()), "excludes": WORKING_DIR_EXCLUDES},
-            metadata={"vitbirds": "retrain", "model_name": metadata.name,
-                      "model_version": metadata.version},
-        )  # fmt: skip
+            entrypoint=shlex.join(command), runtime_env=runtime_env, metadata=job_metadata
+        )
     except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as error:
         raise SubmissionError(f"submitting to {address} failed: {error}") from error
 
@@ -374,9 +416,19 @@ def log_to_tracker(args: argparse.Namespace, result: dict[str, Any], paths: list
         print(hint, flush=True)
 
 
+def promote_command(args: argparse.Namespace, metadata: ModelMetadata) -> str:
+    """What to run once the retraining job has registered its challenger."""
+    data = metadata.data.get("root") or "LABELLED_PHOTOS"
+    return shlex.join(
+        [args.python, "jobs/promote.py", "--data-dir", str(data), "--split", "test",
+         "--storage-path", args.retrain_storage]
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     config = monitor_config(args)
     headers = ray_auth_headers() if args.submit else {}  # a usage error before any work
+    registered = resolve_model(args)
     metadata = read_metadata(args.model)
     profile = reference_profile(args)
     windows: list[dict[str, Any]] = []
@@ -394,7 +446,12 @@ def run(args: argparse.Namespace) -> int:
         judged = recent(observed, window, config.min_samples) if args.window else observed
     assessment: Assessment = assess(profile, judged, config)
     result: dict[str, Any] = {
-        "model": {"dir": str(args.model), "name": metadata.name, "version": metadata.version},
+        "model": {
+            "dir": str(args.model),
+            "name": metadata.name,
+            "version": metadata.version,
+            "registry": registered.to_dict() if registered else None,
+        },
         "source": source,
         "config": config.to_dict(),
         "assessment": assessment.to_dict(),
@@ -413,17 +470,27 @@ def run(args: argparse.Namespace) -> int:
         result["retrain"] = {"command": shlex.join(command), "address": args.ray_address}
         if args.submit:
             try:
-                job_id = submit(args.ray_address, command, metadata, headers)
+                job_id = submit(args.ray_address, command, metadata, headers, registered)
             except SubmissionError as error:
                 print(f"error: {error}", file=sys.stderr)
                 status = 1
             else:
                 result["retrain"]["job_id"] = job_id
-                print(f"submitted retraining job {job_id} to {args.ray_address}", flush=True)
+                result["retrain"]["then"] = promote_command(args, metadata)
+                print(
+                    f"submitted retraining job {job_id} to {args.ray_address}; it registers "
+                    f"its model as the {CHALLENGER}; when it has succeeded:\n  "
+                    f"{result['retrain']['then']}",
+                    flush=True,
+                )
         else:
             print(f"retrain with (or rerun with --submit):\n  {shlex.join(command)}", flush=True)
 
-    out = args.out or args.model / "monitor"
+    out = args.out or (
+        Path(args.storage_path) / "monitor" / f"{registered.name}-v{registered.version}"
+        if registered
+        else args.model / "monitor"
+    )
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "monitor.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -437,7 +504,8 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_paths(args: argparse.Namespace) -> None:
     """The model and the outputs where every job puts them (`vitbirds.paths.output_path`)."""
-    args.model = Path(output_path(args.model))
+    if not is_model_uri(args.model):
+        args.model = Path(output_path(args.model))
     if args.out is not None:
         args.out = Path(output_path(args.out))
     args.storage_path = output_path(args.storage_path)

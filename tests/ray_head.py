@@ -102,11 +102,15 @@ def _wait_until_ready(
     """True once the dashboard answers and the agents have published their ports (what the
     raylet waits for); False if the head died on the way."""
     session = Path(temp_dir) / "session_latest"
+    start_log = Path(temp_dir) / "ray-start.log"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if head.poll() is not None:
             return False
-        agents_up = all(
+        # The dashboard answers before `ray start` has seen its raylet register, which can still
+        # time out (30 s) on a loaded machine; "Ray runtime started." comes after that wait.
+        started = "Ray runtime started" in start_log.read_text(errors="replace")
+        agents_up = started and all(
             any(session.glob(f"{name}_*"))
             for name in ("dashboard_agent_listen_port", "metrics_agent_port")
         )

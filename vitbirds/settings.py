@@ -15,6 +15,7 @@ from typing import Any
 from vitbirds.devices import DEVICES
 from vitbirds.errors import ConfigError
 from vitbirds.presets import PRESETS, get_recipe
+from vitbirds.training.registry import DEFAULT_MODEL_NAME
 from vitbirds.training.tracking import TRACKERS
 
 # The best small-data recipe that needs no teacher (README, "What accuracy to expect").
@@ -88,6 +89,12 @@ class TrainSettings(RunSettings):
     export_dir: str | None = setting(
         None, "also copy the exported model directory here, e.g. models/latest", default_text="none"
     )
+    register: bool = setting(
+        True,
+        "register the export as a version of the MLflow registered model, aliased challenger "
+        "(MLflow tracker only; jobs/promote.py decides whether it becomes the champion)",
+    )
+    registered_model: str = setting(DEFAULT_MODEL_NAME, "MLflow registered model name")
 
     def __post_init__(self) -> None:
         super().__post_init__()

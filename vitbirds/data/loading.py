@@ -27,6 +27,7 @@ from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from vitbirds.data.sources import DatasetSplits, Sample
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from vitbirds.errors import DataError, ImageDecodeError
+from vitbirds.progress import ProgressFactory, default_progress
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """(transformed image, label) pairs over images decoded once into a uint8 tensor cache.
 
     `decode_size` is the short side images are decoded to (None: full size). Without a
-    `transform`, items are the cached uint8 tensors [3, H, W].
+    `transform`, items are the cached uint8 tensors [3, H, W]. `progress` draws the decoding
+    (default: `vitbirds.progress.default_progress()`).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         decode_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.transform = transform
         threads = threads or min(8, os.cpu_count() or 1)
@@ -68,7 +71,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            decoded = list(pool.map(decode, samples))
+            bar = progress or default_progress()
+            decoded = list(bar(pool.map(decode, samples), desc="decode", total=len(samples)))
 
         self.samples: list[Sample] = []
         self.images: list[torch.Tensor] = []

@@ -50,6 +50,7 @@ from vitbirds.model.explain import (
     supports_attention_maps,
 )
 from vitbirds.model.files import LoadedModel
+from vitbirds.progress import default_progress
 from vitbirds.training.tracking import Tracker
 
 METRICS_FILE = "metrics.json"
@@ -169,7 +170,8 @@ def evaluate_model(
         evaluated += dataset.samples
         skipped += dataset.skipped
         with torch.inference_mode():
-            for images, _ in DataLoader(dataset, batch_size=config.batch_size):
+            batches = DataLoader(dataset, batch_size=config.batch_size)
+            for images, _ in default_progress()(batches, desc=f"evaluate {split}"):
                 probs.append(model(images.to(device)).float().softmax(dim=-1).cpu())
     inference_s = time.perf_counter() - started
 

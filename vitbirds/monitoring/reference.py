@@ -41,6 +41,7 @@ from vitbirds.model.baselines import embedding_dim, logits_and_embedding
 from vitbirds.model.files import LoadedModel, ModelMetadata
 from vitbirds.monitoring.drift import atc_threshold, fit_temperature
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, EMBEDDING_SEED, EmbeddingProjector
+from vitbirds.progress import default_progress
 
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"
@@ -132,7 +133,8 @@ def model_outputs(
     metadata = loaded.metadata
     projector = EmbeddingProjector(embedding_dim(metadata.architecture, metadata.model_config))
     logits, embeddings, labels = [], [], []
-    for batch, batch_labels in DataLoader(images, batch_size=batch_size):
+    batches = DataLoader(images, batch_size=batch_size)
+    for batch, batch_labels in default_progress()(batches, desc="model outputs"):
         batch_logits, batch_embeddings = logits_and_embedding(model, batch.to(device))
         logits.append(batch_logits.float().cpu())
         embeddings.append(projector(batch_embeddings))

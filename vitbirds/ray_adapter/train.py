@@ -30,7 +30,7 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.experimental import tqdm_ray
 
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
 from vitbirds.data.sources import DatasetSplits
@@ -47,9 +48,10 @@ from vitbirds.data.streaming import choose_data_mode
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.model.files import load_model, read_metadata
+from vitbirds.model.files import ModelMetadata, load_model, read_metadata
 from vitbirds.paths import is_uri
 from vitbirds.presets import Recipe
+from vitbirds.progress import no_progress, set_default_progress
 from vitbirds.ray_adapter.data import worker_data
 from vitbirds.settings import TrainSettings
 from vitbirds.training.loop import (
@@ -58,6 +60,11 @@ from vitbirds.training.loop import (
     load_checkpoint,
     save_checkpoint,
     seed_everything,
+)
+from vitbirds.training.registry import (
+    CHALLENGER,
+    ModelVersion,
+    register_export,
 )
 from vitbirds.training.runner import (
     build_metadata,
@@ -68,7 +75,7 @@ from vitbirds.training.runner import (
     load_teacher,
     prepare_dataset,
 )
-from vitbirds.training.tracking import Tracker, make_tracker, tracker_hint
+from vitbirds.training.tracking import MlflowTracker, Tracker, make_tracker, tracker_hint
 
 if TYPE_CHECKING:
     from vitbirds.training.export import ExportedModel
@@ -202,6 +209,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.cpus_per_worker)
+    # Rank 0 draws decoding and each epoch's batches on the driver (and in `ray job submit`).
+    set_default_progress(_ray_bars if rank == 0 else no_progress)
     device = resolve_device("mps") if job.device == "mps" else ray.train.torch.get_device()
 
     # Ray Train routes a few of its INFO lines (one per report) through the root logger.
@@ -265,6 +274,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     fit(run, data.train, data.valid, on_epoch_end=on_epoch_end, before_epoch=before_epoch)
     return {"started_at_epoch": started_at}
+
+
+def _ray_bars(iterable: Iterable[Any], *, desc: str, total: int | None = None) -> Iterator[Any]:
+    bar = tqdm_ray.tqdm(iterable, desc=desc, total=total)
+    try:
+        yield from bar
+    finally:
+        bar.close()  # tqdm_ray leaves a finished bar open on the driver otherwise
 
 
 def _job_from_dict(values: dict[str, Any]) -> TrainJob:
@@ -473,7 +490,11 @@ def _train_and_export(
         tracker=tracker, export_dir=job.export_dir,
     )  # fmt: skip
     tracker.set_tags({"started_at_epoch": str(started_at)})
-    return _outcome(job, exported, progress, splits, tracker, started_at, started)
+    outcome = _outcome(job, exported, progress, splits, tracker, started_at, started)
+    registered = _register(job, tracker, exported.metadata)
+    if registered is not None:
+        outcome.tracking["model_uri"] = registered.uri
+    return outcome
 
 
 def _fit(job: TrainJob, tracker: Tracker) -> tuple["ray.train.Result", "_Progress"]:
@@ -533,6 +554,17 @@ def _outcome(
         export_dir=exported.export_dir,
         tracking=_tracking_info(job, tracker),
     )
+
+
+def _register(job: TrainJob, tracker: Tracker, metadata: ModelMetadata) -> ModelVersion | None:
+    """The logged model folder as the registry's new challenger (MLflow tracker only)."""
+    if not (job.register and isinstance(tracker, MlflowTracker)):
+        return None
+    version = register_export(
+        tracker.tracking_uri, tracker.run_id, metadata, name=job.registered_model
+    )
+    print(f"registered {version.uri} as {CHALLENGER} ({tracker.tracking_uri})", flush=True)
+    return version
 
 
 def build_trainer(
@@ -632,5 +664,10 @@ def describe_outcome(outcome: TrainOutcome) -> str:
         )
     if outcome.export_dir:
         lines.append(f"exported copy: {outcome.export_dir}")
+    if outcome.tracking.get("model_uri"):
+        lines.append(
+            f"registered: {outcome.tracking['model_uri']} ({CHALLENGER}); promote it with "
+            "jobs/promote.py"
+        )
     lines.append(f"wall time {_duration(outcome.wall_time_s)}")
     return "\n".join(lines)

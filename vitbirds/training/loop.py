@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from vitbirds.config import TrainConfig
 from vitbirds.errors import ModelFileError
 from vitbirds.model.files import ModelMetadata, save_model, unwrap_model
+from vitbirds.progress import ProgressFactory, default_progress
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
@@ -142,12 +143,19 @@ class TrainingRun:
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         )
 
-    def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
-        """One pass over `loader`; returns loss, accuracy against the hard labels, lr, images/s."""
+    def train_epoch(
+        self, loader: Iterable[Batch], progress: ProgressFactory | None = None
+    ) -> dict[str, float]:
+        """One pass over `loader`; returns loss, accuracy against the hard labels, lr, images/s.
+        `progress` draws the batches (default: `vitbirds.progress.default_progress()`)."""
         self.model.train()
         started = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        for images, labels in loader:
+        bar = progress or default_progress()
+        batches = bar(
+            loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", total=_length(loader)
+        )
+        for images, labels in batches:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             targets = labels
@@ -275,22 +283,31 @@ def fit(
     *,
     on_epoch_end: EpochCallback | None = None,
     before_epoch: Callable[[int], None] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> list[dict[str, float]]:
     """Trains from `run.epoch` to `run.config.epochs`; returns the per-epoch metrics.
 
     `before_epoch(epoch)` lets a distributed caller reseed its sampler; `on_epoch_end(metrics)`
-    reports and checkpoints.
+    reports and checkpoints; `progress` draws each epoch's batches (a Ray worker passes
+    tqdm_ray on rank 0 and nothing elsewhere).
     """
     history = []
     while run.epoch < run.config.epochs:
         if before_epoch is not None:
             before_epoch(run.epoch)
-        metrics = run.train_epoch(train_loader)
+        metrics = run.train_epoch(train_loader, progress)
         metrics.update(run.evaluate(valid_loader))
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return history
+
+
+def _length(loader: Iterable[Batch]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def save_checkpoint(checkpoint_dir: str | Path, run: TrainingRun, metadata: ModelMetadata) -> Path:

@@ -21,13 +21,22 @@ MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
 class ServeSettings:
     """Application arguments shared by the three deployments."""
 
-    model_dir: str = ""  # local path or gs://; $VITBIRDS_MODEL_DIR overrides
+    model_dir: str = ""  # local path, gs:// or models:/name@alias; $VITBIRDS_MODEL_DIR overrides
+    # Pins the version: deploying fails unless model_dir holds exactly this content digest
+    # (vitbirds.model.versions.content_digest); cluster/render_rayservice.py --model-sha256 sets it.
+    model_sha256: str | None = None
     prediction_log: str | None = None  # None: beside the model dir; $VITBIRDS_PREDICTION_LOG wins
     max_body_bytes: int = 10 * 1024 * 1024  # larger uploads get 413 before being read
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413 before being decoded
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
-    torch_threads: int | None = None  # None: torch's default (Ray sets it from num_cpus)
+    # Torch threads per model replica. None: the replica's CPU allotment (ray_actor_options
+    # num_cpus) rounded up; Ray itself would round it down, to 1 thread for num_cpus 1.5.
+    torch_threads: int | None = None
+    # Slow senders (serve/body_deadline.py): the body must arrive within body_timeout_s of the
+    # request's start, with no pause longer than body_idle_timeout_s; otherwise 408.
+    body_timeout_s: float = 30.0
+    body_idle_timeout_s: float = 5.0
     display_size: int = 224  # side of the crop /explain draws the attention on
     # Live drift gauges (serve/drift_gauges.py): the prediction log's latest `drift_window`
     # assessed every `drift_interval_s` seconds (0: only on `GET /drift?refresh=true`), as
@@ -38,7 +47,14 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
-        for name in ("max_body_bytes", "max_pixels", "default_top_k", "display_size"):
+        for name in (
+            "max_body_bytes",
+            "max_pixels",
+            "default_top_k",
+            "display_size",
+            "body_timeout_s",
+            "body_idle_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads <= 0:
@@ -100,6 +116,8 @@ class BatchStats(BaseModel):
     batches: int = 0
     max_batch_size_seen: int = 0
     batch_sizes: dict[int, int] = Field(default_factory=dict, description="size -> count")
+    model_sha256: str = Field("", description="Content digest of the model this replica serves")
+    torch_threads: int = Field(0, description="torch.get_num_threads() in this replica")
 
     def record(self, size: int) -> None:
         self.requests += size
@@ -130,6 +148,7 @@ class DriftStatus(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
+    model_sha256: str = Field(description="Content digest of weights + metadata being served")
     architecture: str
     classes: list[str]
     image_size: int

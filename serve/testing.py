@@ -23,8 +23,15 @@ DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
 # inherits them, so they belong to the cluster, not to serve/config.yaml). "haproxy" is what the
 # README and cluster/ deploy: HAProxy forwards HTTP straight to the Ingress replica's own server
 # (no Python proxy hop) and replicas call each other over gRPC; jobs/bench_serve.py measures both.
+# HAProxy's client timeout (default 3600 s) cuts a client that goes silent mid-request after 30 s,
+# and its server timeout a replica that says nothing for 60 s (Serve's request_timeout_s).
 SERVE_MODES: dict[str, dict[str, str]] = {
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "60",
+    },
     "proxy": {},
 }
 

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from test_serve import assert_matches_offline, offline_probabilities
 
 from serve.testing import SERVE_MODES, free_port, make_model_dir, photo_classes
 from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.model.versions import SNAPSHOT_ROOT_ENV
 from vitbirds.paths import repo_root
 
 SERVE = Path(sys.executable).parent / "serve"
@@ -52,50 +54,106 @@ def photo(shared_data: Path) -> bytes:
     return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0].read_bytes()
 
 
-@pytest.fixture(scope="module")
-def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("serve_run_config")
+class ServeRun:
+    """A `serve run` subprocess on private ports; `interrupt()` is the user's Ctrl-C."""
+
+    def __init__(self, mode: str, config_file: Path, work: Path, port: int) -> None:
+        self.mode = mode
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = work / "serve-run.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(SERVE_MODES[mode])
+        env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
+        env[SNAPSHOT_ROOT_ENV] = str(work / "snapshots")
+        # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
+        self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
+        self.ports = [port]
+        if mode == "haproxy":
+            haproxy_env = _private_haproxy(self.haproxy_dir)
+            env.update(haproxy_env)
+            self.ports += [
+                int(haproxy_env["RAY_SERVE_HAPROXY_STATS_PORT"]),
+                int(haproxy_env["RAY_SERVE_HAPROXY_METRICS_PORT"]),
+            ]
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(SERVE), "run", "-a", "local", str(config_file)],
+            cwd=repo_root(),  # import_path serve.app:app resolves from the repository root
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def interrupt(self) -> None:
+        """SIGINT to `serve run` alone, as a terminal's Ctrl-C; then waits for it to exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def close(self) -> None:
+        self.interrupt()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of its group is left
+        _kill_orphaned_haproxy(self.haproxy_dir)
+        shutil.rmtree(self.haproxy_dir, ignore_errors=True)
+        self._log.close()
+
+
+def _config_file(
+    work: Path, model_dir: Path, port: int, ingress: dict[str, int] | None = None
+) -> Path:
+    """serve/config.yaml with the port, the model and the log changed (and the Ingress's)."""
     config = yaml.safe_load((repo_root() / "serve" / "config.yaml").read_text())
-    port = free_port()
     config["http_options"]["port"] = port
     (application,) = config["applications"]
     application["args"].update(
         model_dir=str(model_dir), prediction_log=str(work / "predictions.jsonl")
     )
-    (ingress,) = [d for d in application["deployments"] if d["name"] == "Ingress"]
-    ingress.update(INGRESS_LIMITS)
+    (deployment,) = [d for d in application["deployments"] if d["name"] == "Ingress"]
+    deployment.update(ingress or {})
     config_file = work / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    return config_file
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(SERVE_MODES["haproxy"])
-    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
-    # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
-    haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
-    env.update(_private_haproxy(haproxy_dir))
-    log = (work / "serve-run.log").open("w")
-    server = subprocess.Popen(
-        [str(SERVE), "run", "-a", "local", str(config_file)],
-        cwd=repo_root(),  # import_path serve.app:app resolves from the repository root
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+
+@contextlib.contextmanager
+def _serve_run(
+    mode: str, model_dir: Path, work: Path, ingress: dict[str, int] | None = None
+) -> Iterator[ServeRun]:
+    port = free_port()
+    run = ServeRun(mode, _config_file(work, model_dir, port, ingress), work, port)
     try:
-        _wait_until_healthy(base, server, work / "serve-run.log")
-        yield base
+        _wait_until_healthy(run.base, run.process, run.log_path)
+        yield run
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # serve run shuts the app and its Ray down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        _kill_orphaned_haproxy(haproxy_dir)
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
-        log.close()
+        run.close()
+
+
+@pytest.fixture(scope="module")
+def haproxy_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+    """Throughput mode, the Ingress queue made small so that an overload is certain."""
+    work = tmp_path_factory.mktemp("serve_run_haproxy")
+    with _serve_run("haproxy", model_dir, work, INGRESS_LIMITS) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
+def url(haproxy_run: ServeRun) -> str:
+    return haproxy_run.base
+
+
+@pytest.fixture(scope="module")
+def proxy_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+    """The README's local command: Serve's Python proxy, serve/config.yaml's own limits."""
+    work = tmp_path_factory.mktemp("serve_run_proxy")
+    with _serve_run("proxy", model_dir, work) as run:
+        yield run
 
 
 def _private_haproxy(directory: Path) -> dict[str, str]:
@@ -170,3 +228,91 @@ def test_overload_through_haproxy_gets_503s_and_recovers(url, photo):
     assert set(statuses) <= {200, 503}
     assert statuses.count(503) > 0 and statuses.count(200) >= sum(INGRESS_LIMITS.values())
     assert requests.get(url + "/healthz").status_code == 200
+
+
+SLOW_SENDERS = 140
+
+
+async def _slow_senders(port: int, count: int, stop: asyncio.Event) -> list[bytes]:
+    """`count` connections that each announce a 1 MB upload and send one byte a second until
+    `stop`; returns what each was answered (b"" if nothing)."""
+
+    async def sender() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Content-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        writer.write(head.encode())
+        answer = b""
+        try:
+            while not stop.is_set() and not reader.at_eof():
+                writer.write(b"\xff")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer += await asyncio.wait_for(reader.read(4096), timeout=1)
+                    if answer:
+                        break
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return answer
+
+    return await asyncio.gather(*[sender() for _ in range(count)])
+
+
+def _photo_while_slow_senders_hold_connections(base: str, port: int, photo: bytes):
+    """(status of a normal /predict sent once the slow senders are connected, their answers)."""
+
+    async def scenario() -> tuple[int, list[bytes]]:
+        stop = asyncio.Event()
+        senders = asyncio.create_task(_slow_senders(port, SLOW_SENDERS, stop))
+        await asyncio.sleep(3)  # all connected and sending
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(
+                base + "/predict", content=photo, headers={"content-type": "image/jpeg"}
+            )
+        answers = await asyncio.wait_for(senders, timeout=120)  # cut by the body deadline
+        stop.set()
+        return response.status_code, answers
+
+    return asyncio.run(scenario())
+
+
+def test_a_photo_is_answered_while_140_slow_senders_are_connected(proxy_run, photo):
+    status, answers = _photo_while_slow_senders_hold_connections(
+        proxy_run.base, proxy_run.port, photo
+    )
+    assert status == 200
+    # Each slow sender was cut off (408 from the body deadline) instead of holding its slot.
+    statuses = [a.split(b" ", 2)[1] if a.startswith(b"HTTP/") else b"none" for a in answers]
+    assert statuses == [b"408"] * SLOW_SENDERS
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ports_freed_after_ctrl_c(run: ServeRun, within_s: float = 60) -> list[int]:
+    """Sends Ctrl-C; returns the ports still listening `within_s` seconds later."""
+    interrupted = time.monotonic()
+    run.interrupt()
+    while time.monotonic() - interrupted < within_s:
+        still = [port for port in run.ports if _listening(port)]
+        if not still:
+            return []
+        time.sleep(1)
+    return [port for port in run.ports if _listening(port)]
+
+
+def test_ctrl_c_leaves_nothing_listening_in_the_local_default_mode(proxy_run):
+    assert _ports_freed_after_ctrl_c(proxy_run) == []
+
+
+def test_ctrl_c_in_haproxy_mode_frees_the_ports(haproxy_run):
+    assert _ports_freed_after_ctrl_c(haproxy_run) == []

@@ -1,6 +1,8 @@
 """Helpers the tests and jobs/bench_serve.py share: a model directory to serve and the app started
 on a local port. Kept here, beside the app, so both start it the same way."""
 
+import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -103,3 +105,37 @@ def start_app(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the app did not become healthy at {url} in {timeout_s} s")
         time.sleep(0.5)
+
+
+async def slow_sender(port: int, stop: asyncio.Event, path: str = "/predict") -> bytes:
+    """A client that announces a 1 MB upload and sends it one byte a second until answered or
+    `stop`; returns the answer's first bytes (b"" if none). What 140 of them did to the service
+    is issue 15's slow-client attack."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    writer.write(head.encode())
+    answer = b""
+    try:
+        while not stop.is_set() and not answer:
+            writer.write(b"\xff")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                answer = await asyncio.wait_for(reader.read(4096), timeout=1)
+                if not answer:  # closed without an answer
+                    break
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return answer
+
+
+def answer_status(answer: bytes) -> str:
+    """The status code of a raw HTTP answer, or "none"."""
+    parts = answer.split(b" ", 2)
+    return parts[1].decode() if answer.startswith(b"HTTP/") and len(parts) > 1 else "none"

@@ -289,6 +289,17 @@ def test_render_moves_the_model_to_the_bucket_and_gives_only_the_classifier_a_gp
     assert source == _serve_config(), "render must not modify its input"
 
 
+def test_render_can_pin_the_model_version_by_its_digest():
+    target = render_rayservice.ClusterTarget(model_dir=f"{MOUNT}/models/v7", model_sha256="ab12")
+    rendered = render_rayservice.render(_serve_config(), target)
+    assert rendered["applications"][0]["args"] == {
+        "model_dir": f"{MOUNT}/models/v7",
+        "model_sha256": "ab12",
+    }
+    unpinned = render_rayservice.render(_serve_config(), render_rayservice.ClusterTarget())
+    assert "model_sha256" not in unpinned["applications"][0]["args"]
+
+
 def test_render_for_cpu_asks_for_no_gpu():
     target = render_rayservice.ClusterTarget(accelerator="cpu")
     rendered = render_rayservice.render(_serve_config(), target)

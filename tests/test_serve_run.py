@@ -27,7 +27,14 @@ import requests
 import yaml
 from test_serve import assert_matches_offline, offline_probabilities
 
-from serve.testing import SERVE_MODES, free_port, make_model_dir, photo_classes
+from serve.testing import (
+    SERVE_MODES,
+    answer_status,
+    free_port,
+    make_model_dir,
+    photo_classes,
+    slow_sender,
+)
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.model.versions import SNAPSHOT_ROOT_ENV
 from vitbirds.paths import repo_root
@@ -233,43 +240,12 @@ def test_overload_through_haproxy_gets_503s_and_recovers(url, photo):
 SLOW_SENDERS = 140
 
 
-async def _slow_senders(port: int, count: int, stop: asyncio.Event) -> list[bytes]:
-    """`count` connections that each announce a 1 MB upload and send one byte a second until
-    `stop`; returns what each was answered (b"" if nothing)."""
-
-    async def sender() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        head = (
-            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n"
-        )
-        writer.write(head.encode())
-        answer = b""
-        try:
-            while not stop.is_set() and not reader.at_eof():
-                writer.write(b"\xff")
-                await writer.drain()
-                with contextlib.suppress(TimeoutError):
-                    answer += await asyncio.wait_for(reader.read(4096), timeout=1)
-                    if answer:
-                        break
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        return answer
-
-    return await asyncio.gather(*[sender() for _ in range(count)])
-
-
 def _photo_while_slow_senders_hold_connections(base: str, port: int, photo: bytes):
     """(status of a normal /predict sent once the slow senders are connected, their answers)."""
 
     async def scenario() -> tuple[int, list[bytes]]:
         stop = asyncio.Event()
-        senders = asyncio.create_task(_slow_senders(port, SLOW_SENDERS, stop))
+        senders = asyncio.gather(*[slow_sender(port, stop) for _ in range(SLOW_SENDERS)])
         await asyncio.sleep(3)  # all connected and sending
         async with httpx.AsyncClient(timeout=60) as client:
             response = await client.post(
@@ -288,8 +264,7 @@ def test_a_photo_is_answered_while_140_slow_senders_are_connected(proxy_run, pho
     )
     assert status == 200
     # Each slow sender was cut off (408 from the body deadline) instead of holding its slot.
-    statuses = [a.split(b" ", 2)[1] if a.startswith(b"HTTP/") else b"none" for a in answers]
-    assert statuses == [b"408"] * SLOW_SENDERS
+    assert [answer_status(a) for a in answers] == ["408"] * SLOW_SENDERS
 
 
 def _listening(port: int) -> bool:

@@ -14,7 +14,7 @@ Three systems answer the same multipart uploads of real JPEGs (../shared/data/cu
   calls), and `haproxy`, Serve's throughput-optimised mode (RAY_SERVE_ENABLE_HA_PROXY=1 and
   RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy forwards HTTP straight to the Ingress replica's own
   server and replicas call each other over gRPC). The targets score the mode the deployment
-  uses (the first of `--serve-modes`, default haproxy, as cluster/ and the README set it up).
+  uses (the first of `--serve-modes`, default haproxy, as cluster/ sets it up).
 
 Each runs at concurrency 1, 8 and 32 for `--seconds` after a warm-up; /explain is timed at
 concurrency 1 beside /predict; then `--slow-senders` clients (140) connect and trickle their

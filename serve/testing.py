@@ -22,9 +22,10 @@ from vitbirds.presets import get_recipe
 DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
 
 # Serve's two set-ups, as the environment switches Ray reads when it starts (every Ray process
-# inherits them, so they belong to the cluster, not to serve/config.yaml). "haproxy" is what the
-# README and cluster/ deploy: HAProxy forwards HTTP straight to the Ingress replica's own server
-# (no Python proxy hop) and replicas call each other over gRPC; jobs/bench_serve.py measures both.
+# inherits them, so they belong to the cluster, not to serve/config.yaml). "haproxy" is what
+# cluster/ deploys: HAProxy forwards HTTP straight to the Ingress replica's own server (no Python
+# proxy hop) and replicas call each other over gRPC. "proxy" is the README's local command, the
+# mode that Ctrl-C stops cleanly; jobs/bench_serve.py measures both.
 # HAProxy's client timeout (default 3600 s) cuts a client that goes silent mid-request after 30 s,
 # and its server timeout a replica that says nothing for 60 s (Serve's request_timeout_s).
 SERVE_MODES: dict[str, dict[str, str]] = {

@@ -73,9 +73,7 @@ def _wait_for_a_new_replica(old: set[str], url: str, timeout_s: float = 240) -> 
     pytest.fail(f"no new Classifier replica answered within {timeout_s} s")
 
 
-def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(
-    deployed, classes, photo
-):
+def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(deployed, classes, photo):
     url, latest = deployed
     deployed_digest = requests.get(url + "/model").json()["model_sha256"]
     assert deployed_digest == content_digest(latest)

@@ -122,7 +122,12 @@ def _snapshot(local_dir: Path, root: Path) -> tuple[str, Path]:
             shutil.rmtree(target)
         for path in staging.iterdir():
             path.chmod(0o444)
-        staging.rename(target)  # atomic: other processes see all of it or nothing
+        try:
+            staging.rename(target)  # atomic: other processes see all of it or nothing
+        except OSError:
+            # Another replica on this node snapshotted the same version first.
+            if not (target.is_dir() and content_digest(target) == digest):
+                raise
         return digest, target
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -62,6 +62,7 @@ from serve.testing import (
     free_port,
     make_model_dir,
     photo_classes,
+    private_haproxy_env,
     slow_sender,
     start_app,
 )
@@ -279,6 +280,9 @@ def bench_serve(
     )
     saved = dict(os.environ)
     os.environ.update(SERVE_MODES[mode])
+    if mode == "haproxy":  # its own files and ports, beside any other HAProxy on the machine
+        # (a short directory: HAProxy's unix socket paths must stay under 97 characters)
+        os.environ.update(private_haproxy_env(Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))))
     # A small object store: only small tensors travel, and a big one is slow to set up.
     ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:

@@ -39,6 +39,20 @@ SERVE_MODES: dict[str, dict[str, str]] = {
 }
 
 
+def private_haproxy_env(directory: Path) -> dict[str, str]:
+    """Ray's HAProxy keeps its files under /tmp/haproxy-serve and its stats and metrics on ports
+    8404 and 9101, whoever else runs one on the machine: this one gets its own of each."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(directory / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+
+
 def photo_classes(split_dir: Path) -> list[str]:
     """Class names of an ImageFolder split (its sub-directories), sorted."""
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir())

@@ -37,6 +37,7 @@ from serve.testing import (
     free_port,
     make_model_dir,
     photo_classes,
+    private_haproxy_env,
     slow_sender,
 )
 from vitbirds.model.files import LoadedModel, load_model
@@ -81,7 +82,7 @@ class ServeRun:
         self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
         self.ports = [port]
         if mode == "haproxy":
-            haproxy_env = _private_haproxy(self.haproxy_dir)
+            haproxy_env = private_haproxy_env(self.haproxy_dir)
             env.update(haproxy_env)
             self.ports += [
                 int(haproxy_env["RAY_SERVE_HAPROXY_STATS_PORT"]),
@@ -165,20 +166,6 @@ def proxy_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     work = tmp_path_factory.mktemp("serve_run_proxy")
     with _serve_run("proxy", model_dir, work) as run:
         yield run
-
-
-def _private_haproxy(directory: Path) -> dict[str, str]:
-    """Ray's HAProxy keeps its files under /tmp/haproxy-serve and its stats and metrics on ports
-    8404 and 9101, whoever else runs one on the machine: this one gets its own of each."""
-    return {
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(directory / "metrics.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    }
 
 
 def _kill_orphaned_haproxy(directory: Path) -> None:

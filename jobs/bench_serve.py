@@ -35,6 +35,7 @@ the configuration that ran vit-s16 at the one-thread rate.
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -280,9 +281,11 @@ def bench_serve(
     )
     saved = dict(os.environ)
     os.environ.update(SERVE_MODES[mode])
-    if mode == "haproxy":  # its own files and ports, beside any other HAProxy on the machine
-        # (a short directory: HAProxy's unix socket paths must stay under 97 characters)
-        os.environ.update(private_haproxy_env(Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))))
+    # HAProxy gets its own files and ports, beside any other HAProxy on the machine (in a short
+    # directory: its unix socket paths must stay under 97 characters).
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
+    if mode == "haproxy":
+        os.environ.update(private_haproxy_env(haproxy_dir))
     # A small object store: only small tensors travel, and a big one is slow to set up.
     ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:
@@ -304,6 +307,7 @@ def bench_serve(
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
 

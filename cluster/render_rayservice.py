@@ -7,11 +7,19 @@ included) untouched:
 
 - the model directory: a path on the bucket mount (/mnt/vitbirds, see cluster/storage.yaml)
   instead of the local `models/latest`;
-- the Classifier replicas ask for a GPU, or explicitly none when rendered for CPU.
+- the Classifier replicas ask for a GPU, or explicitly none when rendered for CPU;
+- optionally the model version's content digest (`--model-sha256`, what
+  `vitbirds.model.versions.content_digest` prints for the directory): the deployment then
+  refuses any other content at that path instead of serving it.
+
+Serve resolves the model directory to one immutable version each time the config is deployed;
+every replica, including those autoscaling adds later, loads that version. A new model therefore
+reaches the cluster only through a config change that KubeRay applies (a RayService upgrade):
 
     python cluster/render_rayservice.py                   # after editing serve/config.yaml
     python cluster/render_rayservice.py --check           # exit 1 when rayservice.yaml is stale
-    python cluster/render_rayservice.py --model-dir /mnt/vitbirds/models/v7   # roll out a model
+    python cluster/render_rayservice.py --model-dir /mnt/vitbirds/models/v7 \
+        --model-sha256 DIGEST                             # roll out (and pin) a model version
 
 Needs only PyYAML, so Cloud Build can run it in a plain Python image.
 """
@@ -53,6 +61,7 @@ class ClusterTarget:
     model_dir: str = DEFAULT_MODEL_DIR  # where Serve replicas read the exported model
     accelerator: Literal["gpu", "cpu"] = "gpu"  # whether Classifier replicas ask for a GPU
     gpus_per_replica: float = 1.0  # below 1 packs several replicas on one GPU
+    model_sha256: str | None = None  # pins the version served from model_dir
 
 
 def render(config: dict[str, Any], target: ClusterTarget) -> dict[str, Any]:
@@ -63,7 +72,10 @@ def render(config: dict[str, Any], target: ClusterTarget) -> dict[str, Any]:
         raise RenderError("serve config has no applications to render")
     gpu_deployments = 0
     for app in applications:
-        app.setdefault("args", {})["model_dir"] = target.model_dir
+        args = app.setdefault("args", {})
+        args["model_dir"] = target.model_dir
+        if target.model_sha256:
+            args["model_sha256"] = target.model_sha256
         for deployment in app.get("deployments") or []:
             if deployment.get("name") != GPU_DEPLOYMENT:
                 continue
@@ -109,6 +121,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model-dir", default=DEFAULT_MODEL_DIR, help="model directory as the replicas see it"
     )
+    parser.add_argument(
+        "--model-sha256", help="content digest the model directory must have (pins the version)"
+    )
     parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
     parser.add_argument("--gpus-per-replica", type=float, default=1.0)
     parser.add_argument(
@@ -121,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     target = ClusterTarget(
         model_dir=args.model_dir,
+        model_sha256=args.model_sha256,
         accelerator=args.accelerator,
         gpus_per_replica=args.gpus_per_replica,
     )

@@ -19,6 +19,11 @@ BUCKET="${BUCKET:-${PROJECT_ID}-vitbirds}" # data, runs, models; mounted at /mnt
 NAMESPACE="${NAMESPACE:-vitbirds}"         # must match cluster/kustomization.yaml
 KSA="${KSA:-vitbirds-ray}"                 # the Ray pods' ServiceAccount (cluster/storage.yaml)
 TOKEN_SECRET="${TOKEN_SECRET:-vitbirds-ray-token}"  # authOptions.secretName in cluster/*.yaml
+# The Serve cluster's own: its pods decode uploads, so they get neither the shared Ray token nor
+# the bucket identity above (cluster/serve-access.yaml, cluster/networkpolicy.yaml).
+SERVE_TOKEN_SECRET="${SERVE_TOKEN_SECRET:-vitbirds-serve-ray-token}"
+SERVE_KSA="${SERVE_KSA:-vitbirds-serve}"
+WRITE_TOKEN_SECRET="${WRITE_TOKEN_SECRET:-vitbirds-write-token}"  # /feedback's shared secret
 BUILD_SA="${BUILD_SA:-vitbirds-build}"     # Cloud Build runs as this service account
 CPU_MACHINE="${CPU_MACHINE:-e2-standard-8}"
 CPU_MAX_NODES="${CPU_MAX_NODES:-4}"
@@ -119,18 +124,36 @@ auth_field="$(kubectl get crd rayclusters.ray.io -o jsonpath='{.spec.versions[?(
 
 log "namespace $NAMESPACE and the Ray auth token"
 kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
-if ! kubectl -n "$NAMESPACE" get secret "$TOKEN_SECRET" >/dev/null 2>&1; then
-  # Created once and never rotated by a rerun; the token goes through a pipe, not argv.
-  openssl rand -hex 32 | tr -d '\n' \
-    | kubectl -n "$NAMESPACE" create secret generic "$TOKEN_SECRET" \
-      --from-file=auth_token=/dev/stdin
-fi
+# Created once and never rotated by a rerun; a token goes through a pipe, not argv.
+make_secret() { # NAME KEY
+  if ! kubectl -n "$NAMESPACE" get secret "$1" >/dev/null 2>&1; then
+    openssl rand -hex 32 | tr -d '\n' \
+      | kubectl -n "$NAMESPACE" create secret generic "$1" --from-file="$2=/dev/stdin"
+  fi
+}
+make_secret "$TOKEN_SECRET" auth_token
+make_secret "$SERVE_TOKEN_SECRET" auth_token
+make_secret "$WRITE_TOKEN_SECRET" token
 
 log "Workload Identity: $NAMESPACE/$KSA may read and write gs://$BUCKET"
 project_number="$(gcloud projects describe "$PROJECT_ID" --format 'value(projectNumber)')"
 ksa_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$NAMESPACE/sa/$KSA"
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
   --member "$ksa_member" --role roles/storage.objectUser >/dev/null
+
+log "Workload Identity: $NAMESPACE/$SERVE_KSA may read gs://$BUCKET/models/ and write predictions/"
+serve_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$NAMESPACE/sa/$SERVE_KSA"
+objects="projects/_/buckets/$BUCKET/objects"
+# Listing is checked on the bucket itself (GCSFuse lists), reading and writing on each object.
+bucket_type='resource.type == "storage.googleapis.com/Bucket"'
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
+  --member "$serve_member" --role roles/storage.objectViewer \
+  --condition "title=serve-models-read,expression=$bucket_type || resource.name.startsWith(\"$objects/models/\")" \
+  >/dev/null
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
+  --member "$serve_member" --role roles/storage.objectUser \
+  --condition "title=serve-predictions-write,expression=resource.name.startsWith(\"$objects/predictions/\")" \
+  >/dev/null
 
 log "Cloud Build service account $BUILD_SA"
 build_sa="$BUILD_SA@$PROJECT_ID.iam.gserviceaccount.com"
@@ -148,6 +171,9 @@ gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
   --member "serviceAccount:$build_sa" --role roles/storage.objectUser >/dev/null
 
 log "done"
+pod_cidr="$(gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+  --format 'value(clusterIpv4Cidr)')"
+echo "The pods' range for cluster/settings.env (pod_cidr, _POD_CIDR in Cloud Build): $pod_cidr"
 cat <<EOF
 Cluster $CLUSTER is ready. Next (cluster/README.md has the details):
   gcloud storage cp -r ../shared/data/cub100 gs://$BUCKET/data/

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from serve.body_deadline import BodyDeadline, BodyDeadlineMiddleware
 from serve.drift_gauges import DriftWatcher
 from serve.inference import (
     BatchPredictor,
@@ -73,7 +76,8 @@ from vitbirds.errors import (
     ImageTooLarge,
     UnsupportedImageFormat,
 )
-from vitbirds.model.files import fetch_model_dir, load_model, read_metadata
+from vitbirds.model.files import load_model, read_metadata
+from vitbirds.model.versions import ModelVersion, materialize, resolve
 from vitbirds.monitoring.predictions import (
     LOGGED_TOP_K,
     BackgroundPredictionLog,
@@ -161,6 +165,7 @@ api = FastAPI(
     description="Bird species from a photo, with the attention map of a from-scratch ViT.",
     version="1",
 )
+api.add_middleware(BodyDeadlineMiddleware)  # 408 for bodies that arrive too slowly
 
 
 @api.exception_handler(InputRejected)
@@ -267,6 +272,24 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return data
 
 
+def set_torch_threads(configured: int | None) -> int:
+    """Sets and returns this replica's torch threads: `configured`, else its CPU allotment rounded
+    up. Ray sets OMP_NUM_THREADS to the allotment rounded *down* (at least 1), which left a
+    Classifier with num_cpus 1 running a compute-bound model on one of the machine's cores."""
+    if configured is None:
+        allotted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        configured = max(1, math.ceil(allotted))
+    torch.set_num_threads(configured)
+    return torch.get_num_threads()
+
+
+def _log_anchor(version: ModelVersion, local_dir: Path) -> Path:
+    """The directory the prediction log goes beside by default: the configured model directory
+    when it is one on this machine (as before versions), else the version's local snapshot."""
+    source = Path(version.source)
+    return source if "://" not in version.source and source.is_dir() else local_dir
+
+
 @serve.deployment(
     name="Classifier",
     max_ongoing_requests=64,  # >= max_batch_size, so a full batch can form
@@ -276,15 +299,19 @@ async def read_upload(request: Request, limit: int) -> bytes:
 class Classifier:
     """Loads the model once; answers batches of preprocessed images."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+    def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
+        threads = set_torch_threads(settings.torch_threads)
         device = resolve_device(settings.device)
-        loaded = load_model(fetch_model_dir(settings.model_dir), device)
+        loaded = load_model(materialize(version), device)
         self.predictor = BatchPredictor(loaded, device)
-        self.batch_stats = BatchStats()
+        self.batch_stats = BatchStats(model_sha256=version.sha256, torch_threads=threads)
         logger.info(
-            "Classifier: %s %s on %s", loaded.metadata.name, loaded.metadata.version, device
+            "Classifier: %s %s (sha256 %s) on %s, %d torch threads",
+            loaded.metadata.name,
+            loaded.metadata.version,
+            version.short,
+            device,
+            threads,
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -307,11 +334,10 @@ class Classifier:
 class AttentionExplainer:
     """Runs the model with attention weights and draws the rollout over the photo."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+    def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
+        set_torch_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
-        self.loaded = load_model(fetch_model_dir(settings.model_dir), self.device)
+        self.loaded = load_model(materialize(version), self.device)
 
     async def explain(self, image: torch.Tensor, display: Any) -> bytes:
         return await asyncio.to_thread(render_explanation, self.loaded, image, display, self.device)
@@ -355,12 +381,20 @@ class Ingress:
     """HTTP: reads and checks the upload, asks the model deployments, logs the prediction."""
 
     def __init__(
-        self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: ServeSettings
+        self,
+        classifier: DeploymentHandle,
+        explainer: DeploymentHandle,
+        settings: ServeSettings,
+        version: ModelVersion,
     ) -> None:
         self.classifier = classifier
         self.explainer = explainer
         self.settings = settings
-        local_dir = fetch_model_dir(settings.model_dir)
+        self.version = version
+        api.state.body_deadline = BodyDeadline(
+            total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s
+        )
+        local_dir = materialize(version)
         self.metadata = read_metadata(local_dir)
         self.decode_pool = (
             DecodePool(
@@ -381,7 +415,9 @@ class Ingress:
         )
         rotation = LogRotation(settings.log_max_bytes, settings.log_max_age_s, settings.log_keep)
         self.log = BackgroundPredictionLog(
-            PredictionLog(log_path(local_dir, settings.prediction_log), rotation)
+            PredictionLog(
+                log_path(_log_anchor(version, local_dir), settings.prediction_log), rotation
+            )
         )
         self.requests = RequestIndex(self.log.path, timedelta(seconds=settings.feedback_max_age_s))
         self.index_html = (STATIC_DIR / "index.html").read_text()
@@ -555,6 +591,7 @@ class Ingress:
         return ModelInfo(
             name=m.name,
             version=m.version,
+            model_sha256=self.version.sha256,
             architecture=m.architecture,
             classes=m.class_names,
             image_size=m.image_size,
@@ -573,11 +610,22 @@ def build_app(
     settings: ServeSettings, options: dict[str, dict[str, Any]] | None = None
 ) -> serve.Application:
     """The application with per-deployment option overrides (tests, benchmarks); serve/config.yaml
-    sets the same options for `serve run`/`serve deploy`."""
+    sets the same options for `serve run`/`serve deploy`.
+
+    The model reference is resolved here, once per deployment, to one immutable version that
+    every replica loads, including replicas started later (restarts, autoscaling): re-exporting
+    `models/latest` changes nothing until the app is deployed again (vitbirds/model/versions.py).
+    """
     options = options or {}
-    classifier = Classifier.options(**options.get("Classifier", {})).bind(settings)
-    explainer = AttentionExplainer.options(**options.get("AttentionExplainer", {})).bind(settings)
-    return Ingress.options(**options.get("Ingress", {})).bind(classifier, explainer, settings)
+    version = resolve(settings.model_dir, expected_sha256=settings.model_sha256)
+    logger.info("vitbirds: %s resolved to sha256 %s", settings.model_dir, version.sha256)
+    classifier = Classifier.options(**options.get("Classifier", {})).bind(settings, version)
+    explainer = AttentionExplainer.options(**options.get("AttentionExplainer", {})).bind(
+        settings, version
+    )
+    return Ingress.options(**options.get("Ingress", {})).bind(
+        classifier, explainer, settings, version
+    )
 
 
 def app(args: dict[str, Any]) -> serve.Application:

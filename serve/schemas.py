@@ -24,7 +24,10 @@ FEEDBACK_MAX_BYTES = 4096  # a request id and a class name: larger /feedback bod
 class ServeSettings:
     """Application arguments shared by the three deployments."""
 
-    model_dir: str = ""  # local path or gs://; $VITBIRDS_MODEL_DIR overrides
+    model_dir: str = ""  # local path, gs:// or models:/name@alias; $VITBIRDS_MODEL_DIR overrides
+    # Pins the version: deploying fails unless model_dir holds exactly this content digest
+    # (vitbirds.model.versions.content_digest); cluster/render_rayservice.py --model-sha256 sets it.
+    model_sha256: str | None = None
     prediction_log: str | None = None  # None: beside the model dir; $VITBIRDS_PREDICTION_LOG wins
     max_body_bytes: int = 10 * 1024 * 1024  # larger uploads get 413 before being read
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413 before being decoded
@@ -35,7 +38,13 @@ class ServeSettings:
     decode_memory_mb: int = 1024
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
-    torch_threads: int | None = None  # None: torch's default (Ray sets it from num_cpus)
+    # Torch threads per model replica. None: the replica's CPU allotment (ray_actor_options
+    # num_cpus) rounded up; Ray itself would round it down, to 1 thread for num_cpus 1.5.
+    torch_threads: int | None = None
+    # Slow senders (serve/body_deadline.py): the body must arrive within body_timeout_s of the
+    # request's start, with no pause longer than body_idle_timeout_s; otherwise 408.
+    body_timeout_s: float = 30.0
+    body_idle_timeout_s: float = 5.0
     display_size: int = 224  # side of the crop /explain draws the attention on
     # Live drift gauges (serve/drift_gauges.py): the prediction log's latest `drift_window`
     # assessed every `drift_interval_s` seconds (0: only on `GET /drift?refresh=true`), as
@@ -54,7 +63,7 @@ class ServeSettings:
             raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
         positive = ("max_body_bytes", "max_pixels", "default_top_k", "display_size")
         positive += ("decode_timeout_s", "decode_memory_mb", "log_max_bytes", "log_max_age_s")
-        positive += ("log_keep", "feedback_max_age_s")
+        positive += ("log_keep", "feedback_max_age_s", "body_timeout_s", "body_idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -122,6 +131,8 @@ class BatchStats(BaseModel):
     batches: int = 0
     max_batch_size_seen: int = 0
     batch_sizes: dict[int, int] = Field(default_factory=dict, description="size -> count")
+    model_sha256: str = Field("", description="Content digest of the model this replica serves")
+    torch_threads: int = Field(0, description="torch.get_num_threads() in this replica")
 
     def record(self, size: int) -> None:
         self.requests += size
@@ -152,6 +163,7 @@ class DriftStatus(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
+    model_sha256: str = Field(description="Content digest of weights + metadata being served")
     architecture: str
     classes: list[str]
     image_size: int

@@ -11,6 +11,7 @@ is not: cluster/README.md lists what remains unverified.
 import copy
 import fnmatch
 import importlib.util
+import ipaddress
 import itertools
 import re
 import shlex
@@ -33,7 +34,17 @@ MOUNT = "/mnt/vitbirds"  # where every Ray pod sees the bucket
 KUBERNETES_VERSION = "1.33.0"  # GKE's regular channel when this was written
 RAY_CONTROL_PORTS = {6379, 8265, 10001}  # GCS, dashboard + Jobs API, Ray client
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
-CORE_KINDS = {"Namespace", "ServiceAccount", "PersistentVolume", "PersistentVolumeClaim", "Service"}
+CORE_KINDS = {
+    "Namespace",
+    "ServiceAccount",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "Service",
+    "NetworkPolicy",
+}
+SHARED_TOKEN = "vitbirds-ray-token"  # the dev and training clusters'
+SERVE_ACCOUNT = "vitbirds-serve"
+HAPROXY_PORTS = {8404, 9101}  # Serve's HAProxy: stats page, Prometheus exporter
 
 _yaml_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -286,6 +297,17 @@ def test_render_moves_the_model_to_the_bucket_and_gives_only_the_classifier_a_gp
     assert source == _serve_config(), "render must not modify its input"
 
 
+def test_render_can_pin_the_model_version_by_its_digest():
+    target = render_rayservice.ClusterTarget(model_dir=f"{MOUNT}/models/v7", model_sha256="ab12")
+    rendered = render_rayservice.render(_serve_config(), target)
+    assert rendered["applications"][0]["args"] == {
+        "model_dir": f"{MOUNT}/models/v7",
+        "model_sha256": "ab12",
+    }
+    unpinned = render_rayservice.render(_serve_config(), render_rayservice.ClusterTarget())
+    assert "model_sha256" not in unpinned["applications"][0]["args"]
+
+
 def test_render_for_cpu_asks_for_no_gpu():
     target = render_rayservice.ClusterTarget(accelerator="cpu")
     rendered = render_rayservice.render(_serve_config(), target)
@@ -382,7 +404,8 @@ def test_only_rayjobs_are_labelled_training():
 def test_ray_cluster_has_token_auth_and_the_image_ray_version(item):
     _, doc = item
     cluster = _ray_cluster_spec(doc)
-    assert cluster["authOptions"] == {"mode": "token", "secretName": "vitbirds-ray-token"}
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["authOptions"]["secretName"]
     ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
     assert cluster["rayVersion"] == ray_version.group(1)
 
@@ -395,7 +418,17 @@ def test_ray_head_runs_no_workloads(item):
     assert head["rayStartParams"]["num-gpus"] == "0"
 
 
-@pytest.mark.parametrize("item", _of_kind(*KUBERAY_KINDS), ids=_id)
+def test_the_serve_cluster_has_a_ray_token_of_its_own():
+    tokens = {
+        doc["metadata"]["name"]: _ray_cluster_spec(doc)["authOptions"]["secretName"]
+        for _, doc in _of_kind(*KUBERAY_KINDS)
+    }
+    serve_token = tokens.pop(_rayservice()["metadata"]["name"])
+    assert set(tokens.values()) == {SHARED_TOKEN}
+    assert serve_token != SHARED_TOKEN
+
+
+@pytest.mark.parametrize("item", _of_kind("RayCluster", "RayJob"), ids=_id)
 def test_ray_pods_mount_the_bucket_with_workload_identity_and_a_sized_shm(item):
     _, doc = item
     for group, template in _ray_pod_templates(doc):
@@ -499,6 +532,133 @@ def test_serve_is_reachable_only_on_its_http_port():
     assert [p["port"] for p in serve["ports"]] == [8000]
 
 
+# --- blast radius of the pods that decode uploads ----------------------------------------------
+
+
+def _serve_pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [(group, t["spec"]) for group, t in _ray_pod_templates(_rayservice())]
+
+
+def _other_pod_labels() -> list[dict[str, str]]:
+    """The labels of every pod of the dev and training clusters."""
+    return [
+        template["metadata"].get("labels", {})
+        for _, doc in _of_kind("RayCluster", "RayJob")
+        for _, template in _ray_pod_templates(doc)
+    ]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is interpreted here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _serve_policy() -> dict[str, Any]:
+    ((_, policy),) = _of_kind("NetworkPolicy")
+    return policy
+
+
+def _ingress_rules(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    rules = policy["spec"].get("ingress", [])
+    assert all(rule.get("from") for rule in rules), "a rule without `from` admits everyone"
+    return rules
+
+
+def _rule_ports(rule: dict[str, Any]) -> set[int] | None:
+    """The ports a rule admits; None for every port."""
+    return {p["port"] for p in rule["ports"]} if rule.get("ports") else None
+
+
+def test_serve_pods_run_as_their_own_account_that_cannot_touch_the_whole_bucket():
+    for group, spec in _serve_pod_specs():
+        assert spec["serviceAccountName"] == SERVE_ACCOUNT, group
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert "vitbirds-bucket" not in claims, group
+    script = (CLUSTER / "setup-gke.sh").read_text()
+    grants = re.findall(r"--member \"\$serve_member\" --role (\S+)", script)
+    assert grants and set(grants) <= {"roles/storage.objectViewer", "roles/storage.objectUser"}
+
+
+def test_serve_pods_read_the_models_prefix_read_only():
+    volumes = {doc["metadata"]["name"]: doc for _, doc in _of_kind("PersistentVolume")}
+    for group, spec in _serve_pod_specs():
+        (container,) = spec["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        models = mounts[f"{MOUNT}/models"]
+        assert models.get("readOnly") is True, group
+        (volume,) = [v for v in spec["volumes"] if v["name"] == models["name"]]
+        claim = volume["persistentVolumeClaim"]
+        assert claim.get("readOnly") is True, group
+        pv = volumes[claim["claimName"]]["spec"]
+        assert pv["csi"]["readOnly"] is True and pv["accessModes"] == ["ReadOnlyMany"]
+        assert "only-dir=models" in pv["mountOptions"]
+        writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
+        assert {m["mountPath"] for m in writable} <= {f"{MOUNT}/predictions", "/dev/shm"}, group
+
+
+def test_serve_pods_take_the_feedback_write_token_from_a_secret():
+    for where, _, container in _containers(_rayservice()):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["VITBIRDS_WRITE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], where
+
+
+def test_network_policy_covers_every_serve_pod_and_no_other():
+    selector = _serve_policy()["spec"]["podSelector"]
+    for group, template in _ray_pod_templates(_rayservice()):
+        assert _selects(selector, template["metadata"]["labels"]), group
+    assert not any(_selects(selector, labels) for labels in _other_pod_labels())
+    assert set(_serve_policy()["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_only_the_load_balancers_clients_reach_port_8000_from_outside():
+    rules = _ingress_rules(_serve_policy())
+    from_outside = [r for r in rules if any("ipBlock" in peer for peer in r["from"])]
+    (rule,) = from_outside
+    assert _rule_ports(rule) == {8000}
+    (peer,) = rule["from"]
+    assert peer["ipBlock"]["except"], "the pods' own range never counts as a client"
+    assert _rayservice()["spec"]["serveService"]["spec"]["externalTrafficPolicy"] == "Local"
+
+
+def test_pods_of_other_clusters_are_kept_out_and_in():
+    policy = _serve_policy()
+    others = _other_pod_labels()
+    peers = [peer for rule in _ingress_rules(policy) for peer in rule["from"]]
+    peers += [peer for rule in policy["spec"]["egress"] for peer in rule["to"]]
+    for peer in peers:
+        if "podSelector" in peer:
+            assert "namespaceSelector" not in peer
+            assert not any(_selects(peer["podSelector"], labels) for labels in others), peer
+        if "namespaceSelector" in peer:
+            namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            assert namespace != _kustomization()["namespace"], peer
+        if "ipBlock" in peer:
+            assert peer["ipBlock"].get("except"), f"{peer} would include the pods' range"
+
+
+def test_haproxy_stats_and_metrics_ports_are_not_exposed():
+    for where, _, container in _containers(_rayservice()):
+        ports = {p["containerPort"] for p in container.get("ports", [])}
+        assert not ports & HAPROXY_PORTS, where
+    serve = _rayservice()["spec"]["serveService"]["spec"]
+    assert not {p["port"] for p in serve["ports"]} & HAPROXY_PORTS
+    for rule in _ingress_rules(_serve_policy()):
+        own_pods_only = all("podSelector" in peer for peer in rule["from"])
+        ports = _rule_ports(rule)
+        assert own_pods_only or (ports is not None and not ports & HAPROXY_PORTS), rule
+
+
+def test_network_policy_check_catches_an_open_rule():
+    policy = copy.deepcopy(_serve_policy())
+    policy["spec"]["ingress"].append({"ports": [{"port": 8404}]})
+    with pytest.raises(AssertionError, match="admits everyone"):
+        _ingress_rules(policy)
+
+
 # --- image ------------------------------------------------------------------------------------
 
 
@@ -551,7 +711,9 @@ def test_kustomize_build_puts_in_the_build_image_and_the_bucket(tmp_path):
     work = tmp_path / "cluster"
     shutil.copytree(CLUSTER, work)
     # What cloudbuild.yaml's render and set-image steps do, with made-up values.
-    (work / "settings.env").write_text("bucket=proj-vitbirds\n")
+    (work / "settings.env").write_text(
+        "bucket=proj-vitbirds\nserve_clients_cidr=10.0.0.0/8\npod_cidr=10.4.0.0/14\n"
+    )
     kustomization = _kustomization()
     digest = "sha256:" + "0123456789abcdef" * 4
     kustomization["images"] = [
@@ -565,20 +727,29 @@ def test_kustomize_build_puts_in_the_build_image_and_the_bucket(tmp_path):
 
     images = set(re.findall(r"^\s*-?\s*image: (\S+)$", out, re.M))
     assert images == {f"us-docker.pkg.dev/proj/repo/vitbirds@{digest}"}
-    (volume,) = [d for d in rendered if d["kind"] == "PersistentVolume"]
-    assert volume["spec"]["csi"]["volumeHandle"] == "proj-vitbirds"
+    volumes = [d for d in rendered if d["kind"] == "PersistentVolume"]
+    assert {v["spec"]["csi"]["volumeHandle"] for v in volumes} == {"proj-vitbirds"}
+    (policy,) = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    blocks = [peer.get("ipBlock") for rule in _ingress_rules(policy) for peer in rule["from"]]
+    blocks += [peer.get("ipBlock") for rule in policy["spec"]["egress"] for peer in rule["to"]]
+    blocks = [b for b in blocks if b]
+    assert {b["cidr"] for b in blocks} == {"10.0.0.0/8", "0.0.0.0/0"}
+    assert {tuple(b["except"]) for b in blocks} == {("10.4.0.0/14",)}
     assert "ConfigMap" not in {d["kind"] for d in rendered}, "settings are build-time only"
     namespaced = [d for d in rendered if d["kind"] not in {"Namespace", "PersistentVolume"}]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"vitbirds"}
-    assert volume["spec"]["claimRef"]["namespace"] == "vitbirds"
+    assert {v["spec"]["claimRef"]["namespace"] for v in volumes} == {"vitbirds"}
 
 
 def test_placeholders_cannot_be_deployed_by_mistake():
     # Uppercase is invalid in an image repository and in a bucket name: both fail at once.
     (entry,) = _kustomization()["images"]
     assert entry["newName"] != entry["newName"].lower()
-    bucket = re.search(r"^bucket=(\S+)$", (CLUSTER / "settings.env").read_text(), re.M).group(1)
-    assert bucket != bucket.lower()
+    settings = dict(re.findall(r"^(\w+)=(\S+)$", (CLUSTER / "settings.env").read_text(), re.M))
+    assert settings["bucket"] != settings["bucket"].lower()
+    for key in ("serve_clients_cidr", "pod_cidr"):
+        with pytest.raises(ValueError):
+            ipaddress.ip_network(settings[key])
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -705,12 +876,19 @@ def test_setup_script_defaults_name_what_the_manifests_use():
     script = (CLUSTER / "setup-gke.sh").read_text()
     assert script.startswith("#!/usr/bin/env bash\n") and "\nset -euo pipefail\n" in script
     defaults = dict(re.findall(r'^(\w+)="\$\{\1:-([^}"]*)\}"', script, re.M))
-    ((_, account),) = [d for d in _of_kind("ServiceAccount")]
+    (account,) = [
+        d for _, d in _of_kind("ServiceAccount") if d["metadata"]["name"] != SERVE_ACCOUNT
+    ]
     ((_, cluster),) = _of_kind("RayCluster")
     gpu = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}["gpu"]
     assert defaults["NAMESPACE"] == _kustomization()["namespace"]
     assert defaults["KSA"] == account["metadata"]["name"]
     assert defaults["TOKEN_SECRET"] == cluster["spec"]["authOptions"]["secretName"]
+    assert (
+        defaults["SERVE_TOKEN_SECRET"]
+        == _rayservice()["spec"]["rayClusterConfig"]["authOptions"]["secretName"]
+    )
+    assert defaults["SERVE_KSA"] == SERVE_ACCOUNT
     assert (
         defaults["GPU_TYPE"]
         == gpu["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]

@@ -1,14 +1,14 @@
 """serve/config.yaml and the application builder, without starting Ray."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve.app import app
 from serve.schemas import MODEL_DIR_ENV, ServeSettings
+from serve.testing import make_model_dir
 from vitbirds.errors import ConfigError
+from vitbirds.model.versions import SNAPSHOT_ROOT_ENV, content_digest
 from vitbirds.paths import repo_root
 
 CONFIG = repo_root() / "serve" / "config.yaml"
@@ -61,10 +61,31 @@ def test_unknown_args_and_missing_model_are_config_errors(monkeypatch):
         ServeSettings(model_dir="m", max_body_bytes=0)
 
 
-def test_builder_composes_the_three_deployments(monkeypatch, tmp_path: Path):
+def test_builder_resolves_one_model_version_for_the_three_deployments(monkeypatch, tmp_path):
     monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
-    application = app({"model_dir": str(tmp_path)})
+    monkeypatch.setenv(SNAPSHOT_ROOT_ENV, str(tmp_path / "snapshots"))
+    model_dir = make_model_dir(tmp_path / "latest", ["a", "b"])
+    application = app({"model_dir": str(model_dir)})
     ingress = application._bound_deployment
     assert ingress.name == "Ingress"
-    bound = [arg._bound_deployment.name for arg in ingress.init_args[:2]]
-    assert bound == ["Classifier", "AttentionExplainer"]
+    classifier, explainer = (arg._bound_deployment for arg in ingress.init_args[:2])
+    assert [classifier.name, explainer.name] == ["Classifier", "AttentionExplainer"]
+    versions = {ingress.init_args[-1], classifier.init_args[-1], explainer.init_args[-1]}
+    assert versions == {ingress.init_args[-1]}
+    assert ingress.init_args[-1].sha256 == content_digest(model_dir)
+
+
+def test_config_gives_the_model_the_most_cpus_and_threads_to_match(config):
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    cpus = {name: d["ray_actor_options"]["num_cpus"] for name, d in deployments.items()}
+    assert cpus["Classifier"] > cpus["Ingress"] + cpus["AttentionExplainer"]
+    assert sum(cpus.values()) <= 2, "one replica of each fits a 2-core laptop"
+    assert ServeSettings.from_args(config["applications"][0]["args"]).torch_threads is None
+
+
+def test_config_bounds_requests_and_slow_bodies(config):
+    assert 0 < config["http_options"]["request_timeout_s"] <= 120
+    settings = ServeSettings.from_args(config["applications"][0]["args"])
+    assert settings.body_idle_timeout_s < settings.body_timeout_s <= 60
+    ingress = {d["name"]: d for d in config["applications"][0]["deployments"]}["Ingress"]
+    assert ingress["max_ongoing_requests"] >= 140 + 64, "140 slow senders leave room for others"

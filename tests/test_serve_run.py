@@ -1,11 +1,15 @@
-"""`serve run serve/config.yaml` as the README runs it, in Serve's throughput mode (HAProxy in
-front, gRPC between replicas), over real HTTP with real photos.
+"""`serve run serve/config.yaml` as a user runs it, over real HTTP with real photos, in both of
+Serve's set-ups: the Python proxy (the README's local command) and the throughput mode that the
+cluster runs (HAProxy in front, gRPC between replicas).
 
 A subprocess with its own local Ray (`serve run -a local`): the mode's switches are read when Ray
 starts, so it cannot share the session's Ray. The config is serve/config.yaml itself with the
-port, the model and the log changed, and the Ingress queue made small (8 running + 8 waiting) so
-that an overload is certain to happen on any machine: with HAProxy in front, the Ingress replica's
-own server does the rejecting.
+port, the model and the log changed. In HAProxy mode the Ingress queue is made small (8 running +
+8 waiting) so that an overload is certain to happen on any machine: with HAProxy in front, the
+Ingress replica's own server does the rejecting. In proxy mode the config's own limits stand, and
+140 slow senders and a Ctrl-C are tried against it. HAProxy mode is not Ctrl-C-tested: Ray starts
+HAProxy as a plain child of an actor and stops it only from a graceful Serve shutdown, so a
+force-killed actor leaves it listening (README.md, "Serve"); its fixture stops such orphans.
 """
 
 import asyncio
@@ -13,6 +17,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +31,17 @@ import requests
 import yaml
 from test_serve import assert_matches_offline, offline_probabilities
 
-from serve.testing import SERVE_MODES, free_port, make_model_dir, photo_classes
+from serve.testing import (
+    SERVE_MODES,
+    answer_status,
+    free_port,
+    make_model_dir,
+    photo_classes,
+    private_haproxy_env,
+    slow_sender,
+)
 from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.model.versions import SNAPSHOT_ROOT_ENV
 from vitbirds.paths import repo_root
 
 SERVE = Path(sys.executable).parent / "serve"
@@ -52,64 +66,106 @@ def photo(shared_data: Path) -> bytes:
     return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0].read_bytes()
 
 
-@pytest.fixture(scope="module")
-def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("serve_run_config")
+class ServeRun:
+    """A `serve run` subprocess on private ports; `interrupt()` is the user's Ctrl-C."""
+
+    def __init__(self, mode: str, config_file: Path, work: Path, port: int) -> None:
+        self.mode = mode
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = work / "serve-run.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(SERVE_MODES[mode])
+        env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
+        env[SNAPSHOT_ROOT_ENV] = str(work / "snapshots")
+        # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
+        self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
+        self.ports = [port]
+        if mode == "haproxy":
+            haproxy_env = private_haproxy_env(self.haproxy_dir)
+            env.update(haproxy_env)
+            self.ports += [
+                int(haproxy_env["RAY_SERVE_HAPROXY_STATS_PORT"]),
+                int(haproxy_env["RAY_SERVE_HAPROXY_METRICS_PORT"]),
+            ]
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(SERVE), "run", "-a", "local", str(config_file)],
+            cwd=repo_root(),  # import_path serve.app:app resolves from the repository root
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def interrupt(self) -> None:
+        """SIGINT to `serve run` alone, as a terminal's Ctrl-C; then waits for it to exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def close(self) -> None:
+        self.interrupt()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of its group is left
+        _kill_orphaned_haproxy(self.haproxy_dir)
+        shutil.rmtree(self.haproxy_dir, ignore_errors=True)
+        self._log.close()
+
+
+def _config_file(
+    work: Path, model_dir: Path, port: int, ingress: dict[str, int] | None = None
+) -> Path:
+    """serve/config.yaml with the port, the model and the log changed (and the Ingress's)."""
     config = yaml.safe_load((repo_root() / "serve" / "config.yaml").read_text())
-    port = free_port()
     config["http_options"]["port"] = port
     (application,) = config["applications"]
     application["args"].update(
         model_dir=str(model_dir), prediction_log=str(work / "predictions.jsonl")
     )
-    (ingress,) = [d for d in application["deployments"] if d["name"] == "Ingress"]
-    ingress.update(INGRESS_LIMITS)
+    (deployment,) = [d for d in application["deployments"] if d["name"] == "Ingress"]
+    deployment.update(ingress or {})
     config_file = work / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    return config_file
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(SERVE_MODES["haproxy"])
-    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
-    # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
-    haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
-    env.update(_private_haproxy(haproxy_dir))
-    log = (work / "serve-run.log").open("w")
-    server = subprocess.Popen(
-        [str(SERVE), "run", "-a", "local", str(config_file)],
-        cwd=repo_root(),  # import_path serve.app:app resolves from the repository root
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+
+@contextlib.contextmanager
+def _serve_run(
+    mode: str, model_dir: Path, work: Path, ingress: dict[str, int] | None = None
+) -> Iterator[ServeRun]:
+    port = free_port()
+    run = ServeRun(mode, _config_file(work, model_dir, port, ingress), work, port)
     try:
-        _wait_until_healthy(base, server, work / "serve-run.log")
-        yield base
+        _wait_until_healthy(run.base, run.process, run.log_path)
+        yield run
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # serve run shuts the app and its Ray down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        _kill_orphaned_haproxy(haproxy_dir)
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
-        log.close()
+        run.close()
 
 
-def _private_haproxy(directory: Path) -> dict[str, str]:
-    """Ray's HAProxy keeps its files under /tmp/haproxy-serve and its stats and metrics on ports
-    8404 and 9101, whoever else runs one on the machine: this one gets its own of each."""
-    return {
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(directory / "metrics.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    }
+@pytest.fixture(scope="module")
+def haproxy_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+    """Throughput mode, the Ingress queue made small so that an overload is certain."""
+    work = tmp_path_factory.mktemp("serve_run_haproxy")
+    with _serve_run("haproxy", model_dir, work, INGRESS_LIMITS) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
+def url(haproxy_run: ServeRun) -> str:
+    return haproxy_run.base
+
+
+@pytest.fixture(scope="module")
+def proxy_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+    """The README's local command: Serve's Python proxy, serve/config.yaml's own limits."""
+    work = tmp_path_factory.mktemp("serve_run_proxy")
+    with _serve_run("proxy", model_dir, work) as run:
+        yield run
 
 
 def _kill_orphaned_haproxy(directory: Path) -> None:
@@ -170,3 +226,55 @@ def test_overload_through_haproxy_gets_503s_and_recovers(url, photo):
     assert set(statuses) <= {200, 503}
     assert statuses.count(503) > 0 and statuses.count(200) >= sum(INGRESS_LIMITS.values())
     assert requests.get(url + "/healthz").status_code == 200
+
+
+SLOW_SENDERS = 140
+
+
+def _photo_while_slow_senders_hold_connections(base: str, port: int, photo: bytes):
+    """(status of a normal /predict sent once the slow senders are connected, their answers)."""
+
+    async def scenario() -> tuple[int, list[bytes]]:
+        stop = asyncio.Event()
+        senders = asyncio.gather(*[slow_sender(port, stop) for _ in range(SLOW_SENDERS)])
+        await asyncio.sleep(3)  # all connected and sending
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(
+                base + "/predict", content=photo, headers={"content-type": "image/jpeg"}
+            )
+        answers = await asyncio.wait_for(senders, timeout=120)  # cut by the body deadline
+        stop.set()
+        return response.status_code, answers
+
+    return asyncio.run(scenario())
+
+
+def test_a_photo_is_answered_while_140_slow_senders_are_connected(proxy_run, photo):
+    status, answers = _photo_while_slow_senders_hold_connections(
+        proxy_run.base, proxy_run.port, photo
+    )
+    assert status == 200
+    # Each slow sender was cut off (408 from the body deadline) instead of holding its slot.
+    assert [answer_status(a) for a in answers] == ["408"] * SLOW_SENDERS
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ports_freed_after_ctrl_c(run: ServeRun, within_s: float = 60) -> list[int]:
+    """Sends Ctrl-C; returns the ports still listening `within_s` seconds later."""
+    interrupted = time.monotonic()
+    run.interrupt()
+    while time.monotonic() - interrupted < within_s:
+        still = [port for port in run.ports if _listening(port)]
+        if not still:
+            return []
+        time.sleep(1)
+    return [port for port in run.ports if _listening(port)]
+
+
+def test_ctrl_c_leaves_nothing_listening_in_the_local_default_mode(proxy_run):
+    assert _ports_freed_after_ctrl_c(proxy_run) == []

@@ -64,16 +64,13 @@ def default_snapshot_root() -> Path:
 
 
 def _resolve_registry_uri(uri: str) -> str:
-    """`models:/name@alias` or `models:/name/3` to a model directory or URI, through the MLflow
-    registry module (vitbirds/training/registry.py, `resolve_model_uri(uri) -> str`)."""
-    try:
-        from vitbirds.training.registry import resolve_model_uri
-    except ImportError as error:
-        raise ModelFileError(
-            f"{uri}: registry references need vitbirds.training.registry.resolve_model_uri "
-            f"({error})"
-        ) from error
-    return resolve_model_uri(uri)
+    """`models:/name@alias` or `models:/name/3` to the downloaded directory of the one version it
+    names now, through the MLflow registry (MLFLOW_TRACKING_URI, else the store under runs/).
+    Imported here: only a registry reference needs MLflow."""
+    from vitbirds.training.registry import resolve_model_uri
+
+    model_dir, _ = resolve_model_uri(uri)
+    return str(model_dir)
 
 
 # The single hook for reference schemes that name a model indirectly: prefix -> resolver giving a

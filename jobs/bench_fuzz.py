@@ -128,10 +128,6 @@ def _rss(processes: list[psutil.Process]) -> int:
     return total
 
 
-def _rss_tree(process: psutil.Process) -> int:
-    return _rss([process, *process.children(recursive=True)])
-
-
 def bench_decode(items: list[tuple[str, str, bytes]], photo: bytes) -> dict[str, Any]:
     """The sandbox first, then in-process: this process's RSS only grows, so the in-process
     run's peak would otherwise hide the sandbox's."""
@@ -142,16 +138,14 @@ def bench_decode(items: list[tuple[str, str, bytes]], photo: bytes) -> dict[str,
         for name, decode in (("sandbox", pool.decode), ("in_process", load_rgb)):
             outcomes: collections.Counter[str] = collections.Counter()
             worst, worst_input = 0.0, ""
-            start_rss, peak_parent, peak_workers = me.memory_info().rss, 0, 0
             started = time.perf_counter()
-            for source, kind, data in items:
-                t0 = time.perf_counter()
-                outcomes[_decode_outcome(decode, data)] += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed > worst:
-                    worst, worst_input = elapsed, f"{source}/{kind}"
-                peak_parent = max(peak_parent, me.memory_info().rss)
-                peak_workers = max(peak_workers, _rss(me.children(recursive=True)))
+            with RssSampler(lambda: [me]) as parent, RssSampler(me.children) as workers:
+                for source, kind, data in items:
+                    t0 = time.perf_counter()
+                    outcomes[_decode_outcome(decode, data)] += 1
+                    elapsed = time.perf_counter() - t0
+                    if elapsed > worst:
+                        worst, worst_input = elapsed, f"{source}/{kind}"
             times = []
             for _ in range(50):
                 t0 = time.perf_counter()
@@ -164,8 +158,8 @@ def bench_decode(items: list[tuple[str, str, bytes]], photo: bytes) -> dict[str,
                 "worst_s": round(worst, 3),
                 "worst_input": worst_input,
                 "normal_photo_p50_ms": round(statistics.median(times) * 1e3, 2),
-                "this_process_rss_growth_gib": round((peak_parent - start_rss) / GIB, 3),
-                "decode_workers_peak_rss_gib": round(peak_workers / GIB, 3),
+                "this_process_rss_growth_gib": round(parent.growth / GIB, 3),
+                "decode_workers_peak_rss_gib": round(workers.peak / GIB, 3),
             }
             print(name, results[name], flush=True)
     finally:
@@ -173,28 +167,34 @@ def bench_decode(items: list[tuple[str, str, bytes]], photo: bytes) -> dict[str,
     return results
 
 
-class RssSampler:
-    """Peak RSS of the Serve replicas (and their decode workers), sampled in a thread."""
+def serve_processes() -> list[psutil.Process]:
+    """The Serve replicas and proxy started under this process (with their decode workers)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("ServeReplica" in part or "ProxyActor" in part for part in p.cmdline()):
+                found += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return found
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+
+class RssSampler:
+    """Peak RSS of the processes `select` returns, sampled in a thread every `interval_s`."""
+
+    def __init__(self, select: Any, interval_s: float = 0.05) -> None:
+        self.select = select
         self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def serve_rss() -> int:
-        total = 0
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if any("ServeReplica" in part or "ProxyActor" in part for part in p.cmdline()):
-                    total += _rss_tree(p)
-            except psutil.Error:
-                continue
-        return total
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.baseline)
 
     def __enter__(self) -> "RssSampler":
-        self.baseline = self.serve_rss()
+        self.baseline = self.peak = _rss(self.select())
         self._thread.start()
         return self
 
@@ -204,7 +204,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.serve_rss())
+            self.peak = max(self.peak, _rss(self.select()))
 
 
 def bench_service(
@@ -236,7 +236,7 @@ def bench_service(
         session = requests.Session()
         for _ in range(5):  # warm-up
             session.post(url + "/predict", files={"file": ("a.jpg", photo)}, timeout=60)
-        with RssSampler() as rss:
+        with RssSampler(serve_processes, interval_s=0.2) as rss:
             for n, (source, kind, data) in enumerate(chosen):
                 t0 = time.perf_counter()
                 try:
@@ -274,7 +274,7 @@ def bench_service(
             "normal_max_s": round(max(normal_times), 3),
             "serve_rss_baseline_gib": round(rss.baseline / GIB, 3),
             "serve_rss_peak_gib": round(rss.peak / GIB, 3),
-            "serve_rss_growth_gib": round(max(0, rss.peak - rss.baseline) / GIB, 3),
+            "serve_rss_growth_gib": round(rss.growth / GIB, 3),
         }
     finally:
         serve.shutdown()
@@ -303,10 +303,15 @@ def main() -> None:
         target("decode: unexpected exceptions (sandbox)", decode["sandbox"]["unexpected"], 0, "<="),
         target("decode: worst file seconds (sandbox)", decode["sandbox"]["worst_s"], 10.0, "<="),
     ]
+    service: dict[str, Any] | None = None
     if not args.skip_service:
-        service = bench_service(
-            items, photos[0], args.service_uploads, args.normal_every, args.seed
-        )
+        try:
+            service = bench_service(
+                items, photos[0], args.service_uploads, args.normal_every, args.seed
+            )
+        except Exception as error:  # e.g. Ray cannot start on an overloaded machine: say so
+            results["service"] = {"not_run": f"{type(error).__name__}: {error}"}
+    if service is not None:
         results["service"] = service
         targets += [
             target("service: 5xx responses", service["server_errors"], 0, "<="),

@@ -57,19 +57,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE, f"error: {message} (see --help)\n")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written (examples included); defaults shown where there is one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = GateConfig()
-    parser = _Parser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = _Parser(description=__doc__, formatter_class=_Help)
     add = parser.add_argument
     add("--data-dir", required=True, type=Path, help="labelled photos both models are scored on")
     add(
         "--split", choices=[*SPLITS, "all"], default="test",
         help="which split of --data-dir; 'all' for a folder that is only an evaluation set",
     )  # fmt: skip
-    add("--max-images", type=int, help="a seeded sample of this many images (default: all)")
+    add("--max-images", type=int, help="score a seeded sample of this many images, not all")
     add("--model-name", default=DEFAULT_MODEL_NAME, help="the registered model")
     add("--storage-path", default="runs", help="whose MLflow store holds the registry")
     add("--tracking-uri", help="the registry's MLflow URI (default: MLFLOW_TRACKING_URI, else "

@@ -288,8 +288,8 @@ def fit(
     """Trains from `run.epoch` to `run.config.epochs`; returns the per-epoch metrics.
 
     `before_epoch(epoch)` lets a distributed caller reseed its sampler; `on_epoch_end(metrics)`
-    reports and checkpoints; `progress` draws each epoch's batches (a Ray worker passes
-    tqdm_ray on rank 0 and nothing elsewhere).
+    reports and checkpoints; `progress` draws each epoch's batches (default: the process's,
+    which the Ray adapter sets to tqdm_ray on rank 0 and to nothing on the other ranks).
     """
     history = []
     while run.epoch < run.config.epochs:

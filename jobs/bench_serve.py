@@ -286,9 +286,11 @@ def bench_serve(
     haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
     if mode == "haproxy":
         os.environ.update(private_haproxy_env(haproxy_dir))
-    # A small object store: only small tensors travel, and a big one is slow to set up.
-    ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:
+        # A small object store: only small tensors travel, and a big one is slow to set up.
+        ray.init(
+            object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False
+        )
         port = free_port()
         url = start_app(settings, deployment_options(args.classifier_replicas), port=port)
         results: dict[str, Any] = {"classifier_torch_threads": classifier_threads(url)}
@@ -305,8 +307,9 @@ def bench_serve(
             )
         return results
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # a loaded machine can fail Ray's own start-up
+            serve.shutdown()
+            ray.shutdown()
         shutil.rmtree(haproxy_dir, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(ray_group, TrainSettings, ["max_failures", "keep_checkpoints"])
     out = parser.add_argument_group("outputs")
     add_arguments(out, TrainSettings, ["storage_path", "tracker", "export_dir", "evaluate"])
+    add_arguments(out, TrainSettings, ["register", "registered_model"])
     out.add_argument(
         "--run-name",
         help="the same name and --storage-path resume a run (default: PRESET-DATE-TIME, a new run)",
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             teacher=output_path(args.teacher),
             tracker=args.tracker,
             evaluate=args.evaluate,
+            register=args.register,
+            registered_model=args.registered_model,
             export_dir=output_path(args.export_dir),
             cache_dir=output_path(args.cache_dir),
         )

@@ -94,7 +94,9 @@ class TrainSettings(RunSettings):
         "register the export as a version of the MLflow registered model, aliased challenger "
         "(MLflow tracker only; jobs/promote.py decides whether it becomes the champion)",
     )
-    registered_model: str = setting(DEFAULT_MODEL_NAME, "MLflow registered model name")
+    registered_model: str = setting(
+        DEFAULT_MODEL_NAME, "MLflow registered model name", metavar="NAME"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,7 +160,8 @@ def add_arguments(
             kwargs["choices"] = spec.metadata["choices"]
         else:
             kwargs["type"] = _flag_type(spec)
-            kwargs["metavar"] = "N" if kwargs["type"] is int else "PATH"
+            default_metavar = "N" if kwargs["type"] is int else "PATH"
+            kwargs["metavar"] = spec.metadata.get("metavar", default_metavar)
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 

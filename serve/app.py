@@ -496,12 +496,22 @@ class Ingress:
         responses={
             200: {"content": {"image/png": {}}, "model": ExplainResponse},
             **_ERRORS,
+            409: {"model": ErrorResponse},
         },
         openapi_extra={"requestBody": _UPLOAD_BODY},
         summary="Attention overlay PNG; JSON with it in base64 plus the top-k if "
         "Accept: application/json",
     )
     async def explain(self, request: Request, top_k: int | None = _TOP_K) -> Any:
+        if self.metadata.architecture != "vit":
+            # A CNN baseline (e.g. the ResNet-18 teacher) is served for /predict, but has no
+            # attention to draw: say so before reading the upload.
+            raise InputRejected(
+                409,
+                "no_attention_maps",
+                f"the served model ({self.metadata.architecture}) has no attention maps; "
+                "use /predict",
+            )
         data = await read_upload(request, self.settings.max_body_bytes)
         image = await self._decode(self.preprocessor.model_input, data)
         prediction = self.classifier.predict.remote(image)  # under way while the display decodes

@@ -16,6 +16,7 @@ from PIL import Image
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
+from vitbirds.model.baselines import embedding_dim, logits_and_embedding
 from vitbirds.model.explain import denormalize, explain_image, render_overlay
 from vitbirds.model.files import LoadedModel, ModelMetadata
 from vitbirds.monitoring.predictions import EmbeddingProjector
@@ -65,7 +66,7 @@ class ImagePreprocessor:
 @dataclass
 class ClassifierOutput:
     probabilities: list[float]  # softmax over the classes, in output order
-    embedding: list[float]  # the CLS embedding through `EmbeddingProjector`
+    embedding: list[float]  # the head's input (ViT: CLS token) through `EmbeddingProjector`
 
 
 class BatchPredictor:
@@ -74,14 +75,17 @@ class BatchPredictor:
     def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu") -> None:
         self.model = loaded.model
         self.device = torch.device(device)
-        self.projector = EmbeddingProjector(loaded.metadata.model_config.dim)
+        metadata = loaded.metadata
+        self.projector = EmbeddingProjector(
+            embedding_dim(metadata.architecture, metadata.model_config)
+        )
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[ClassifierOutput]:
         batch = torch.stack(images).to(self.device, non_blocking=True)
-        features = self.model.forward_features(batch)
-        probabilities = self.model.forward_head(features).float().softmax(dim=-1).cpu()
-        embeddings = self.projector(features[:, 0])
+        logits, embedding = logits_and_embedding(self.model, batch)
+        probabilities = logits.float().softmax(dim=-1).cpu()
+        embeddings = self.projector(embedding)
         return [
             ClassifierOutput(p.tolist(), e.tolist())
             for p, e in zip(probabilities, embeddings, strict=True)

@@ -7,15 +7,21 @@ the batches in flight: DataLoader processes (`DataConfig.stream_workers`) read, 
 scaling, `images.load_rgb`) and augment a sample at a time, so memory is bounded by
 workers x prefetch x batch, whatever the dataset size.
 
-Why this and not Ray Data (file list -> `map_batches` decode -> `get_dataset_shard` +
-`iter_torch_batches`), measured on the same 2-core machine (jobs/bench_data.py and the issue-14
-note): Ray Data delivered fewer images/s from the same cores (its object store round trip and
-task scheduling cost more than a DataLoader worker's shared-memory queue at 224 px), held the
-decoded blocks in the object store (more node memory), and made exact resume and seeded shuffling
-harder (its shuffle is per block/buffer, and an epoch is replayed from the start anyway). Its one
-advantage, a CPU pool feeding a GPU pool across nodes, is not needed while a GPU pod's own cores
-decode faster than one GPU trains ViT-S/16 at 224 px (about 6 cores x ~250 images/s each against
-~1,500 images/s of bf16 training on an L4 class GPU: close, and revisited when GPU figures exist).
+Why this and not Ray Data (file list -> `map_batches` decode + augment -> `get_dataset_shard` +
+`iter_torch_batches`): `jobs/bench_data.py` measures both on the same files and cores. On the
+2-core machine this was built on (quiet at last; 300 files at 224 px): this path 279 images/s
+and 0.82 GiB peak PSS, a bare process pool 436 images/s, Ray Data 10 images/s (its timing
+includes starting Ray, so that rate is a floor, not a fair comparison) and 2.9 GiB for the Ray
+node it needs. Earlier, under a load of ~18, a local Ray failed its 30 s start-up deadline in
+most tries. The choice rests on the design as much: Ray Data hands every decoded float batch (38
+MB per 64 images at 224 px) through the object store, an extra copy and shared memory on the
+node, where a DataLoader worker's shared-memory queue feeds the trainer in the same pod; Ray
+Data splits blocks between ranks dynamically, so which rank trains on which image is not a
+function of (seed, epoch) and a restarted run cannot replay an epoch, while a
+DistributedSampler's order is; and a file that fails in `map_batches` fails the task unless
+filtered by hand. Its real advantage, a CPU pool feeding GPU pods, matters only once a GPU pod's
+own cores cannot decode as fast as its GPU trains: revisit with GPU figures (issue 14).
+`jobs/bench_data.py` keeps the Ray Data candidate so that comparison can be rerun.
 
 Semantics shared with the cache: the same transforms, the same seeded order (a generator reseeded
 per epoch, or a DistributedSampler with the seed and `set_epoch`), valid/test split exactly

@@ -48,6 +48,7 @@ def deployed(
         url = start_app(settings, deployment_options(0.1), name=APP)
     yield url, latest
     serve.delete(APP)
+    serve.shutdown()  # the next module starts Serve on a port of its own
 
 
 def _classifier_replicas() -> set[str]:

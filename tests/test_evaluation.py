@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recording_tracker import RecordingTracker
 from torch.utils.data import DataLoader
 
 from jobs import evaluate as evaluate_job
@@ -379,28 +380,12 @@ def test_cli_writes_metrics_report_and_attention_check(synthetic, tmp_path, caps
     assert "[SYNTHETIC]" in capsys.readouterr().out
 
 
-class _RecordingTracker:
-    def __init__(self) -> None:
-        self.metrics: dict = {}
-        self.artifacts: list = []
-        self.tags: dict = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path, folder=None):
-        self.artifacts.append((Path(path).name, folder))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-
 def test_tracker_gets_split_prefixed_metrics_and_both_files(synthetic, tmp_path):
     loaded = load_model(_model_dir(tmp_path / "model", synthetic))
     result = evaluate_model(
         loaded, synthetic.test, synthetic.classes, config=EvaluationConfig(overlays=0)
     )
-    tracker = _RecordingTracker()
+    tracker = RecordingTracker()
     log_to_tracker(result, write_report(result, tmp_path / "eval"), tracker)
     assert tracker.metrics["test_top1_accuracy"] == result.report.top1_accuracy
     assert "test_auroc_macro" in tracker.metrics

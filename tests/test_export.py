@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recording_tracker import RecordingTracker
 
 from vitbirds.config import DataConfig, ModelConfig
 from vitbirds.data import discover_dataset, make_synthetic_dataset
@@ -26,24 +27,6 @@ HISTORY = [
 BEST = {"best_epoch": 2, "val_loss": 1.25, "val_top1": 0.4, "val_top5": 1.0}
 
 
-class _Recorder:
-    """A tracker that remembers what it was given."""
-
-    def __init__(self) -> None:
-        self.metrics: dict = {}
-        self.artifacts: list = []
-        self.tags: dict = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path, folder=None):
-        self.artifacts.append((Path(path).name, folder))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> DatasetSplits:
     root = tmp_path_factory.mktemp("birds")
@@ -62,7 +45,7 @@ def _loaded(splits: DatasetSplits) -> LoadedModel:
 def test_an_export_holds_the_model_its_metrics_its_report_and_its_reference_profile(
     splits, tmp_path
 ) -> None:
-    tracker = _Recorder()
+    tracker = RecordingTracker()
     exported = export_model(
         _loaded(splits), splits, target=str(tmp_path / "runs" / "tiny-run"), history=HISTORY,
         metrics=BEST, tracker=tracker, export_dir=str(tmp_path / "models" / "latest"),

@@ -503,7 +503,7 @@ class Ingress:
         "Accept: application/json",
     )
     async def explain(self, request: Request, top_k: int | None = _TOP_K) -> Any:
-        if self.metadata.architecture != "vit":
+        if not self.metadata.attention_maps:
             # A CNN baseline (e.g. the ResNet-18 teacher) is served for /predict, but has no
             # attention to draw: say so before reading the upload.
             raise InputRejected(
@@ -607,6 +607,7 @@ class Ingress:
             image_size=m.image_size,
             metrics=m.metrics,
             synthetic=m.synthetic,
+            attention_maps=m.attention_maps,
             created_at=m.created_at,
             code_version=m.code_version,
         )

@@ -169,5 +169,8 @@ class ModelInfo(BaseModel):
     image_size: int
     metrics: dict[str, float]
     synthetic: bool = Field(description="Trained on generated shapes, not photos of birds")
+    attention_maps: bool = Field(
+        description="POST /explain draws attention overlays; false for a CNN baseline (409 there)"
+    )
     created_at: str
     code_version: str

@@ -15,8 +15,8 @@ from ray import serve
 from serve.app import build_app
 from serve.schemas import ServeSettings
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import ModelMetadata, save_model
-from vitbirds.model.vit import build_model
 from vitbirds.presets import get_recipe
 
 DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
@@ -59,10 +59,16 @@ def photo_classes(split_dir: Path) -> list[str]:
 
 
 def make_model_dir(
-    model_dir: Path, class_names: list[str], *, preset: str = "vit-test", seed: int = 0
+    model_dir: Path,
+    class_names: list[str],
+    *,
+    preset: str = "vit-test",
+    seed: int = 0,
+    architecture: str = "vit",
 ) -> Path:
     """An exported model with random weights: enough to check that serving computes what the
-    model computes, and to time it."""
+    model computes, and to time it. `architecture="resnet18"`: the CNN baseline that
+    `jobs/bench_accuracy.py --only resnet` exports (the distillation teacher)."""
     config = get_recipe(preset).model
     config.num_classes = len(class_names)
     torch.manual_seed(seed)
@@ -72,11 +78,12 @@ def make_model_dir(
         mean=list(IMAGENET_MEAN),
         std=list(IMAGENET_STD),
         image_size=config.image_size,
-        name=f"{preset}-random",
+        name=f"{preset if architecture == 'vit' else architecture}-random",
         version=f"seed{seed}",
         data={"source": "none", "synthetic": False},
+        architecture=architecture,
     )
-    return save_model(model_dir, build_model(config), metadata)
+    return save_model(model_dir, build_classifier(architecture, config), metadata)
 
 
 def free_port() -> int:

@@ -2,24 +2,14 @@
 directory (the distillation teacher) is served for /predict like a ViT."""
 
 import io
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from serve.inference import BatchPredictor, ImagePreprocessor
 from serve.testing import make_model_dir
-from vitbirds.model.baselines import build_classifier
-from vitbirds.model.files import load_model, read_metadata, save_model
+from vitbirds.model.files import load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM
-
-
-def _resnet_dir(path: Path, class_names: list[str]) -> Path:
-    vit_dir = make_model_dir(path / "vit", class_names)
-    metadata = read_metadata(vit_dir)
-    metadata.architecture = "resnet18"
-    config = metadata.model_config
-    return save_model(path / "resnet", build_classifier("resnet18", config), metadata)
 
 
 def _photo_bytes() -> bytes:
@@ -30,7 +20,7 @@ def _photo_bytes() -> bytes:
 
 def test_a_resnet_model_directory_is_predicted_with_an_embedding(tmp_path):
     classes = ["a", "b", "c"]
-    loaded = load_model(_resnet_dir(tmp_path, classes))
+    loaded = load_model(make_model_dir(tmp_path, classes, architecture="resnet18"))
     image = ImagePreprocessor(loaded.metadata).model_input(_photo_bytes())
 
     (output,) = BatchPredictor(loaded)([image])

@@ -1,7 +1,4 @@
-"""The web page at GET /, driven by a real headless Chromium (Debian's chromium + chromium-driver).
-
-Each test keeps a screenshot under runs/screenshots/ for a person to look at.
-"""
+"""The web page at GET /, driven by a real headless Chromium (tests/browser.py)."""
 
 import base64
 from collections.abc import Iterator
@@ -9,36 +6,15 @@ from pathlib import Path
 
 import pytest
 import requests
+from browser import chromium, open_page, requires_browser, screenshot, wait_for_bars
 from ray import serve
-from skip_reasons import MISSING_BROWSER
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
-from vitbirds.paths import repo_root
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOTS = repo_root() / "runs" / "screenshots"
-
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason=f"{MISSING_BROWSER} needs /usr/bin/chromium and /usr/bin/chromedriver "
-    "(apt-get install chromium chromium-driver)",
-)
-webdriver = pytest.importorskip("selenium.webdriver")
-By = pytest.importorskip("selenium.webdriver.common.by").By
-WebDriverWait = pytest.importorskip("selenium.webdriver.support.wait").WebDriverWait
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=900,1100",
-)
+pytestmark = requires_browser
 
 
 @pytest.fixture(scope="module")
@@ -58,48 +34,26 @@ def url(ray_session, tmp_path_factory: pytest.TempPathFactory, shared_data: Path
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
-    driver = webdriver.Chrome(options=options, service=service)
-    yield driver
-    driver.quit()
-
-
-def _screenshot(browser, name: str) -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
-    browser.save_screenshot(str(path))
-    return path
+    with chromium() as driver:
+        yield driver
 
 
 def _wait_for_results(browser) -> None:
-    def ready(driver) -> bool:
-        bars = driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
-        loaded = driver.execute_script(
+    wait_for_bars(browser)
+    WebDriverWait(browser, 60).until(
+        lambda d: d.execute_script(
             "const img = document.getElementById('overlay');"
             "return img.complete && img.naturalWidth > 0;"
         )
-        return len(bars) == 5 and loaded
-
-    WebDriverWait(browser, 60).until(ready)
-
-
-def _open(browser, url: str) -> None:
-    browser.get(url + "/")
-    WebDriverWait(browser, 30).until(
-        lambda d: d.find_element(By.ID, "model").text not in ("", "loading model…")
     )
 
 
 def test_choosing_a_photo_shows_five_bars_and_the_attention_overlay(browser, url, photo):
-    _open(browser, url)
+    open_page(browser, url)
     assert "classes" in browser.find_element(By.ID, "model").text
     browser.find_element(By.ID, "file").send_keys(str(photo))
     _wait_for_results(browser)
-    _screenshot(browser, "web_page_upload")
+    screenshot(browser, "web_page_upload")
 
     expected = requests.post(url + "/predict", files={"file": photo.read_bytes()}).json()
     labels = [e.get_attribute("title") for e in browser.find_elements(By.CSS_SELECTOR, ".label")]
@@ -113,7 +67,7 @@ def test_choosing_a_photo_shows_five_bars_and_the_attention_overlay(browser, url
 
 
 def test_dropping_a_photo_works_too(browser, url, photo):
-    _open(browser, url)
+    open_page(browser, url)
     browser.execute_script(
         """
         const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
@@ -131,9 +85,9 @@ def test_dropping_a_photo_works_too(browser, url, photo):
 def test_a_file_that_is_not_an_image_shows_the_reason(browser, url, tmp_path):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is not a photo")
-    _open(browser, url)
+    open_page(browser, url)
     browser.find_element(By.ID, "file").send_keys(str(not_an_image))
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, 30).until(lambda _: error.is_displayed())
     assert "422" in error.text and "not an image" in error.text
-    _screenshot(browser, "web_page_error")
+    screenshot(browser, "web_page_error")

@@ -60,6 +60,12 @@ class ModelMetadata:
     def synthetic(self) -> bool:
         return bool(self.data.get("synthetic", False))
 
+    @property
+    def attention_maps(self) -> bool:
+        """Whether the architecture has attention to draw: known from the metadata alone, so the
+        Serve ingress can answer without loading weights (a CNN baseline has none)."""
+        return self.architecture == "vit"
+
 
 @dataclass
 class LoadedModel:

@@ -71,6 +71,7 @@ from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.devices import resolve_device
 from vitbirds.errors import (
     DecodeBudgetExceeded,
+    DecodersBusy,
     ExtremeAspectRatio,
     ImageDecodeError,
     ImageTooLarge,
@@ -170,7 +171,7 @@ api.add_middleware(BodyDeadlineMiddleware)  # 408 for bodies that arrive too slo
 
 @api.exception_handler(InputRejected)
 async def _input_rejected(_: Request, exc: InputRejected) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
     return _error(exc.status, exc.reason, exc.message, headers=headers)
 
 
@@ -193,8 +194,10 @@ def _unavailable(exc: BackPressureError | RayActorError) -> JSONResponse:
     return _error(503, reason, str(exc), headers={"Retry-After": "1"})
 
 
-def _decode_rejection(error: ImageDecodeError) -> InputRejected:
+def _decode_rejection(error: ImageDecodeError | DecodersBusy) -> InputRejected:
     message = str(error).removeprefix("<bytes>: ")
+    if isinstance(error, DecodersBusy):  # not the file's fault: retry (Retry-After: 1)
+        return InputRejected(503, "decoders_busy", message)
     if isinstance(error, UnsupportedImageFormat):
         return InputRejected(415, "unsupported_format", message)
     if isinstance(error, ImageTooLarge):
@@ -402,6 +405,7 @@ class Ingress:
                     workers=settings.decode_workers,
                     timeout_s=settings.decode_timeout_s,
                     memory_bytes=settings.decode_memory_mb * 1024 * 1024,
+                    wait_s=settings.decode_wait_s,
                 )
             )
             if settings.decode_workers
@@ -440,10 +444,10 @@ class Ingress:
 
     async def _decode(self, decoder: Callable[[bytes], T], data: bytes) -> T:
         """Runs a decoder in a thread (which waits on a sandboxed decode worker, or decodes itself
-        when `decode_workers` is 0); bad images become 4xx."""
+        when `decode_workers` is 0); bad images become 4xx, busy decoders 503."""
         try:
             return await asyncio.to_thread(decoder, data)
-        except ImageDecodeError as exc:
+        except (ImageDecodeError, DecodersBusy) as exc:
             raise _decode_rejection(exc) from exc
 
     def _record(self, output: ClassifierOutput, k: int | None, endpoint: str) -> PredictResponse:

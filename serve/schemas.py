@@ -36,6 +36,7 @@ class ServeSettings:
     decode_workers: int = 2
     decode_timeout_s: float = 5.0
     decode_memory_mb: int = 1024
+    decode_wait_s: float = 1.0  # for a free decoder; past it 503 decoders_busy
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
     # Torch threads per model replica. None: the replica's CPU allotment (ray_actor_options
@@ -62,7 +63,8 @@ class ServeSettings:
         if not self.model_dir:
             raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
         positive = ("max_body_bytes", "max_pixels", "default_top_k", "display_size")
-        positive += ("decode_timeout_s", "decode_memory_mb", "log_max_bytes", "log_max_age_s")
+        positive += ("decode_timeout_s", "decode_memory_mb", "decode_wait_s", "log_max_bytes")
+        positive += ("log_max_age_s",)
         positive += ("log_keep", "feedback_max_age_s", "body_timeout_s", "body_idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -1,9 +1,13 @@
 """`load_rgb`: every kind of image becomes an upright RGB picture, every bad file a clear error."""
 
 import io
+import os
 import random
+import signal
 import struct
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from vitbirds.data.images import MAX_ASPECT_RATIO, load_rgb, resized_size
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.errors import (
     DecodeBudgetExceeded,
+    DecodersBusy,
     ExtremeAspectRatio,
     ImageDecodeError,
     ImageTooLarge,
@@ -272,5 +277,29 @@ def test_a_decode_past_the_time_limit_is_stopped():
             pool.decode(image)
         pool.config.timeout_s = 30.0
         assert pool.decode(_encode(Image.new("RGB", (8, 8)))).size == (8, 8)
+    finally:
+        pool.close()
+
+
+def test_a_file_finding_every_decoder_busy_is_refused_after_the_wait():
+    """The one worker is held (SIGSTOP stands in for a hostile file running to its time limit):
+    the next file is refused with DecodersBusy after `wait_s` rather than queueing behind it, and
+    once the held decode is stopped at its limit the pool decodes again."""
+    pool = DecodePool(SandboxConfig(workers=1, timeout_s=3.0, wait_s=0.2))
+    small = _encode(Image.new("RGB", (8, 8)))
+    try:
+        os.kill(pool._idle.queue[0].process.pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as executor:
+            held = executor.submit(pool.decode, small)
+            while pool._idle.qsize():  # until the held decode has taken the worker
+                time.sleep(0.01)
+            started = time.monotonic()
+            with pytest.raises(DecodersBusy, match=r"busy for 0\.2 s"):
+                pool.decode(small)
+            assert time.monotonic() - started < 2.0
+            with pytest.raises(DecodeBudgetExceeded, match="took over 3 s"):
+                held.result()
+        pool.config.wait_s = 30.0  # the successor starts in the background
+        assert pool.decode(small).size == (8, 8)
     finally:
         pool.close()

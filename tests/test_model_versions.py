@@ -105,3 +105,22 @@ def test_registry_references_go_through_the_single_resolver_hook(latest, snapsho
     assert seen == ["models:/vitbirds@champion"]
     assert version.reference == "models:/vitbirds@champion"
     assert version.source == str(latest) and version.sha256 == content_digest(latest)
+
+
+def test_only_the_most_recently_resolved_snapshots_are_kept(latest, snapshots):
+    """Each rollout snapshots a version; resolution keeps the newest `keep_snapshots` (here 2),
+    and resolving an older version again makes it the newest."""
+    versions = []
+    for seed in range(4):
+        _reexport(latest, seed=seed, classes=CLASSES)
+        versions.append(resolve(str(latest), snapshot_root=snapshots, keep_snapshots=2))
+    (snapshots / ".staging-left-by-a-crash").mkdir()
+    kept = {path.name for path in snapshots.iterdir()}
+    assert kept == {versions[2].sha256, versions[3].sha256, ".staging-left-by-a-crash"}
+
+    _reexport(latest, seed=2, classes=CLASSES)  # a rollback to version 2
+    resolve(str(latest), snapshot_root=snapshots, keep_snapshots=1)
+    assert {path.name for path in snapshots.iterdir()} == {
+        versions[2].sha256,
+        ".staging-left-by-a-crash",
+    }

@@ -33,6 +33,7 @@ from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import (
     DecodeBudgetExceeded,
+    DecodersBusy,
     ExtremeAspectRatio,
     ImageDecodeError,
     ImageTooLarge,
@@ -320,6 +321,7 @@ def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline
         (DecodeBudgetExceeded("decoding took over 5 s"), 422, "decode_budget_exceeded"),
         (ImageDecodeError("<bytes>: not an image of an allowed format"), 422, "not_an_image"),
         (ImageDecodeError("<bytes>: cannot decode pixels"), 422, "undecodable_image"),
+        (DecodersBusy("all 2 image decoders stayed busy for 1 s"), 503, "decoders_busy"),
     ],
 )
 def test_each_decode_refusal_has_its_status_and_reason(error, status, reason):

@@ -34,6 +34,11 @@ class DecodeBudgetExceeded(ImageDecodeError):
     """Decoding ran past its time or memory limit (the sandboxed decoder was stopped)."""
 
 
+class DecodersBusy(VitbirdsError):
+    """Every sandboxed decoder stayed busy past the wait bound: the server's state, not the
+    file's fault (Serve answers 503 with Retry-After, not a 4xx)."""
+
+
 class ModelFileError(VitbirdsError):
     """A model directory is missing, incomplete or inconsistent with its metadata."""
 

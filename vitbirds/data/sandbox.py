@@ -8,7 +8,9 @@ cannot be stopped, so Serve decodes in a small pool of worker processes instead:
   `memory_bytes`), so a file that needs more fails with MemoryError in that worker alone;
 - the parent waits `timeout_s` for an answer, then kills the worker and starts another in the
   background: a pathological file costs its own request and one worker start, nothing else;
-- at most `workers` files decode at once, whatever the number of requests.
+- at most `workers` files decode at once, whatever the number of requests; a file that finds
+  every worker busy for `wait_s` (say, both on hostile files running to their time limit) is
+  refused with DecodersBusy instead of queueing, so requests do not pile up behind them.
 
 Workers speak a plain length-prefixed protocol (a JSON header, then raw bytes) and return raw RGB
 pixels, which the parent checks against the size budget before use: nothing a worker sends is
@@ -36,6 +38,7 @@ from PIL import Image
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, load_rgb
 from vitbirds.errors import (
     DecodeBudgetExceeded,
+    DecodersBusy,
     ExtremeAspectRatio,
     ImageDecodeError,
     ImageTooLarge,
@@ -75,6 +78,7 @@ class SandboxConfig:
     workers: int = 2  # files decoded at once per process using the pool
     timeout_s: float = 5.0  # per file; the worker is killed past it
     memory_bytes: int = 1024 * 1024 * 1024  # per worker, above its start-up size
+    wait_s: float = 1.0  # for a free worker; past it DecodersBusy
 
 
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
@@ -186,11 +190,18 @@ class DecodePool:
     def decode(
         self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: int | None = None
     ) -> Image.Image:
-        """An upright RGB image, or an ImageDecodeError subclass saying why not; waits for a free
-        worker first (the pool bounds how many files decode at once)."""
+        """An upright RGB image, or an ImageDecodeError subclass saying why not; waits up to
+        `wait_s` for a free worker first (the pool bounds how many files decode at once), then
+        raises DecodersBusy."""
         if self._closed:
             raise RuntimeError("decode pool is closed")
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(timeout=self.config.wait_s)
+        except queue.Empty:
+            raise DecodersBusy(
+                f"all {self.config.workers} image decoders stayed busy for "
+                f"{self.config.wait_s:g} s; retry shortly"
+            ) from None
         started = time.monotonic()
         try:
             header, pixels = worker.call(

@@ -10,6 +10,10 @@ snapshot of those files. Every process then loads the snapshot, or re-fetches th
 refuses to start if its content is no longer that digest. A new model reaches the processes only
 through a new resolution, i.e. a new deployment (a config update).
 
+Snapshots are kept per node for the SNAPSHOTS_KEPT most recently resolved versions (the one being
+deployed, and the ones a rollback or an old replica may still want); older ones are removed at
+resolution, so a service that is rolled out daily does not fill the node's disk.
+
 No Ray here: serve/app.py resolves in its application builder and materialises in each replica.
 """
 
@@ -34,7 +38,9 @@ from vitbirds.model.files import (
 VERSIONED_FILES = (WEIGHTS_FILE, METADATA_FILE)
 SNAPSHOT_ROOT_ENV = "VITBIRDS_MODEL_SNAPSHOTS"
 REGISTRY_SCHEME = "models:/"
+SNAPSHOTS_KEPT = 3
 _CHUNK = 1 << 20
+_HEX = frozenset("0123456789abcdef")
 
 
 class ModelVersionMismatchError(ModelFileError):
@@ -140,19 +146,42 @@ def _fetch_and_snapshot(source: str, root: Path) -> tuple[str, Path]:
         return _snapshot(fetch_model_dir(source, cache_dir=download), root)
 
 
+def prune_snapshots(root: Path, keep: int = SNAPSHOTS_KEPT) -> list[Path]:
+    """Removes all but the `keep` most recently resolved snapshots under `root` (by the time
+    `resolve` last touched them); staging and download folders are left alone. Returns what
+    was removed."""
+    snapshots = [
+        path
+        for path in root.iterdir()
+        if path.is_dir() and len(path.name) == 64 and set(path.name) <= _HEX
+    ]
+    snapshots.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in snapshots[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return snapshots[keep:]
+
+
 def resolve(
-    reference: str, *, expected_sha256: str | None = None, snapshot_root: Path | None = None
+    reference: str,
+    *,
+    expected_sha256: str | None = None,
+    snapshot_root: Path | None = None,
+    keep_snapshots: int = SNAPSHOTS_KEPT,
 ) -> ModelVersion:
-    """Resolves `reference` once, at deployment: the version to serve and its snapshot.
+    """Resolves `reference` once, at deployment: the version to serve and its snapshot; then
+    prunes the node's snapshots to the `keep_snapshots` most recently resolved.
 
     `expected_sha256` pins the version (cluster/render_rayservice.py writes it): a reference
     whose content differs is refused instead of served."""
     source = locate(reference)
-    digest, snapshot = _fetch_and_snapshot(source, snapshot_root or default_snapshot_root())
+    root = snapshot_root or default_snapshot_root()
+    digest, snapshot = _fetch_and_snapshot(source, root)
     if expected_sha256 and digest != expected_sha256:
         raise ModelVersionMismatchError(
             f"{reference} ({source}) has sha256 {digest}, not the pinned {expected_sha256}"
         )
+    os.utime(snapshot)  # most recently resolved: the last to be pruned
+    prune_snapshots(root, max(keep_snapshots, 1))
     return ModelVersion(reference=reference, source=source, sha256=digest, snapshot=str(snapshot))
 
 

@@ -150,7 +150,10 @@ class TrainingRun:
         `progress` draws the batches (default: `vitbirds.progress.default_progress()`)."""
         self.model.train()
         started = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        # Summed on the device and read once per epoch: an .item() per step would make the host
+        # wait for every step to finish on a GPU, instead of queueing the next one.
+        sums = torch.zeros(2, device=self.device)  # loss x batch, correct
+        seen = 0
         bar = progress or default_progress()
         batches = bar(
             loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", total=_length(loader)
@@ -172,9 +175,10 @@ class TrainingRun:
             if self.ema is not None:
                 self.ema.update_parameters(unwrap_model(self.model))
             batch = labels.shape[0]
-            loss_sum += loss.item() * batch
-            correct += (logits.argmax(dim=1) == labels).sum().item()
+            correct = (logits.argmax(dim=1) == labels).sum()
+            sums += torch.stack([loss.detach().float() * batch, correct.float()])
             seen += batch
+        loss_sum, correct = sums.tolist()
         elapsed = time.perf_counter() - started
         self.epoch += 1
         loss_sum, correct, seen = _global_sum([loss_sum, correct, seen], self.device)

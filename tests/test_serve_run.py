@@ -78,6 +78,7 @@ class ServeRun:
         env.update(SERVE_MODES[mode])
         env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
         env[SNAPSHOT_ROOT_ENV] = str(work / "snapshots")
+        env["PYTHONUNBUFFERED"] = "1"  # the log shows how far a shutdown got, even if killed
         # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
         self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
         self.ports = [port]
@@ -277,4 +278,5 @@ def _ports_freed_after_ctrl_c(run: ServeRun, within_s: float = 60) -> list[int]:
 
 
 def test_ctrl_c_leaves_nothing_listening_in_the_local_default_mode(proxy_run):
-    assert _ports_freed_after_ctrl_c(proxy_run) == []
+    still_listening = _ports_freed_after_ctrl_c(proxy_run)
+    assert still_listening == [], proxy_run.log_path.read_text()[-4000:]

@@ -97,6 +97,9 @@ class ServeRun:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As from a terminal: SIGINT raises KeyboardInterrupt. A test run started in the
+            # background of a script inherits SIGINT ignored, and so would `serve run`.
+            preexec_fn=_default_sigint,
         )
 
     def interrupt(self) -> None:
@@ -116,6 +119,10 @@ class ServeRun:
         _kill_orphaned_haproxy(self.haproxy_dir)
         shutil.rmtree(self.haproxy_dir, ignore_errors=True)
         self._log.close()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _config_file(

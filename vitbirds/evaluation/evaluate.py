@@ -47,7 +47,6 @@ from vitbirds.model.explain import (
     attention_maps,
     denormalize,
     render_overlay,
-    supports_attention_maps,
 )
 from vitbirds.model.files import LoadedModel
 from vitbirds.progress import default_progress
@@ -214,7 +213,7 @@ def evaluate_model(
 
 def no_attention_reason(loaded: LoadedModel) -> str | None:
     """Why `loaded` cannot draw attention overlays (a CNN has no attention), else None."""
-    if supports_attention_maps(loaded.model):
+    if loaded.metadata.attention_maps:
         return None
     return (
         f"architecture {loaded.metadata.architecture!r} has no attention maps, so this report "

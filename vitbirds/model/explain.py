@@ -24,8 +24,6 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from vitbirds.model.files import unwrap_model
-
 HeadFusion = Literal["mean", "max", "min"]
 Method = Literal["rollout", "last_layer"]
 CAPTION_FONT_SIZE = 12
@@ -145,12 +143,6 @@ def normalize_map(maps: torch.Tensor) -> torch.Tensor:
     span = flat.amax(dim=-1, keepdim=True) - low
     scaled = torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
     return scaled.reshape(maps.shape)
-
-
-def supports_attention_maps(model: nn.Module) -> bool:
-    """Whether `model` can return attention weights (our ViT can; the ResNet-18 baseline, a CNN,
-    has none), so callers show overlays or say why there are none."""
-    return hasattr(unwrap_model(model), "forward_with_attention")
 
 
 @torch.inference_mode()

@@ -41,6 +41,9 @@ DEFAULT_MODEL_DIR = "/mnt/vitbirds/models/latest"
 # The deployment that holds the model for predictions; only it is worth a GPU. The explainer is
 # one replica on CPU, so an idle GPU is not held for occasional /explain calls.
 GPU_DEPLOYMENT = "Classifier"
+# The laptop config keeps two one-thread Classifier replicas busy on two cores; on the cluster
+# each replica holds a GPU, so one stays warm and the autoscaler adds the others under load.
+GPU_MIN_REPLICAS = 1
 
 # `serveConfigV2: |` and the block under it: lines indented deeper than the key, or blank.
 _BLOCK = re.compile(
@@ -83,6 +86,8 @@ def render(config: dict[str, Any], target: ClusterTarget) -> dict[str, Any]:
             options = deployment.setdefault("ray_actor_options", {})
             if target.accelerator == "gpu":
                 options["num_gpus"] = target.gpus_per_replica
+                if "autoscaling_config" in deployment:
+                    deployment["autoscaling_config"]["min_replicas"] = GPU_MIN_REPLICAS
             else:
                 options.pop("num_gpus", None)
     if target.accelerator == "gpu" and gpu_deployments == 0:

@@ -40,7 +40,7 @@ class ServeSettings:
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
     # Torch threads per model replica. None: the replica's CPU allotment (ray_actor_options
-    # num_cpus) rounded up; Ray itself would round it down, to 1 thread for num_cpus 1.5.
+    # num_cpus) rounded up; Ray itself would round it down (to 1 thread for num_cpus 1.5).
     torch_threads: int | None = None
     # Slow senders (serve/body_deadline.py): the body must arrive within body_timeout_s of the
     # request's start, with no pause longer than body_idle_timeout_s; otherwise 408.

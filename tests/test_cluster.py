@@ -308,6 +308,15 @@ def test_render_can_pin_the_model_version_by_its_digest():
     assert "model_sha256" not in unpinned["applications"][0]["args"]
 
 
+def test_render_keeps_one_gpu_replica_warm_where_the_laptop_keeps_two_cpu_ones():
+    source = _serve_config()
+    source["applications"][0]["deployments"][0]["autoscaling_config"] = {"min_replicas": 2}
+    on_gpu = render_rayservice.render(source, render_rayservice.ClusterTarget())
+    on_cpu = render_rayservice.render(source, render_rayservice.ClusterTarget(accelerator="cpu"))
+    assert on_gpu["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] == 1
+    assert on_cpu["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] == 2
+
+
 def test_render_for_cpu_asks_for_no_gpu():
     target = render_rayservice.ClusterTarget(accelerator="cpu")
     rendered = render_rayservice.render(_serve_config(), target)

@@ -18,6 +18,7 @@ No Ray here: serve/app.py resolves in its application builder and materialises i
 """
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ REGISTRY_SCHEME = "models:/"
 SNAPSHOTS_KEPT = 3
 _CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
+
+logger = logging.getLogger(__name__)
 
 
 class ModelVersionMismatchError(ModelFileError):
@@ -181,7 +184,8 @@ def resolve(
             f"{reference} ({source}) has sha256 {digest}, not the pinned {expected_sha256}"
         )
     os.utime(snapshot)  # most recently resolved: the last to be pruned
-    prune_snapshots(root, max(keep_snapshots, 1))
+    for removed in prune_snapshots(root, max(keep_snapshots, 1)):
+        logger.info("removed model snapshot %s (older than the %d kept)", removed, keep_snapshots)
     return ModelVersion(reference=reference, source=source, sha256=digest, snapshot=str(snapshot))
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import ray
 import requests
 import torch
@@ -184,6 +185,49 @@ def measure(url: str, photos: list[bytes], concurrency: int, seconds: float, war
     return asyncio.run(_load(url, photos, concurrency, seconds))
 
 
+def _process_group(process: psutil.Process) -> str:
+    """A Ray Serve replica by its deployment; other processes by their name."""
+    title = process.name()
+    if process.pid == os.getpid():
+        return "load generator (this process)"
+    if title.startswith("ray::ServeReplica:"):
+        return title.rsplit(":", 1)[-1]
+    parent = process.parent()
+    if parent is not None and parent.name().startswith("ray::ServeReplica:"):
+        return parent.name().rsplit(":", 1)[-1] + "'s decode workers"
+    if title.startswith("ray::") or "ray" in " ".join(process.cmdline()[:2]):
+        return "Ray's own processes"
+    return "other"
+
+
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    seconds = {}
+    for process in psutil.process_iter():
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = (_process_group(process), times.user + times.system)
+        except psutil.Error:
+            continue
+    return seconds
+
+
+def measure_with_cpu(
+    url: str, photos: list[bytes], concurrency: int, seconds: float, warmup: float
+):
+    """`measure`, plus the cores each group of processes used meanwhile: where Serve's CPU goes
+    besides the model."""
+    asyncio.run(_load(url, photos, concurrency, warmup))
+    before, started = _cpu_seconds(), time.perf_counter()
+    result = asyncio.run(_load(url, photos, concurrency, seconds))
+    after, elapsed = _cpu_seconds(), time.perf_counter() - started
+    cores: dict[str, float] = {}
+    for pid, (group, total) in after.items():
+        if pid in before:
+            cores[group] = cores.get(group, 0.0) + (total - before[pid][1]) / elapsed
+    result["cpu_cores_by_process"] = {g: round(c, 3) for g, c in sorted(cores.items())}
+    return result
+
+
 async def _with_slow_senders(
     url: str, port: int, photos: list[bytes], senders: int, requests_: int
 ) -> dict[str, Any]:
@@ -295,7 +339,9 @@ def bench_serve(
         url = start_app(settings, deployment_options(args.classifier_replicas), port=port)
         results: dict[str, Any] = {"classifier_torch_threads": classifier_threads(url)}
         results |= {
-            f"c{c}": measure(url + "/predict", photos, c, args.seconds, args.warmup)
+            f"c{c}": (measure_with_cpu if c == max(args.concurrency) else measure)(
+                url + "/predict", photos, c, args.seconds, args.warmup
+            )
             for c in args.concurrency
         }
         results["explain_c1"] = measure(url + "/explain", photos, 1, args.seconds, args.warmup)

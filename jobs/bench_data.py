@@ -5,8 +5,10 @@
 
 In one run, on the dataset given (224-px photos, Kaggle layout):
 1. Data-only candidates over the same `--sample` training files and the same cores, each in a
-   fresh process: the raw decode + augment rate (a process pool, no batching), the streaming
-   DataLoader this project uses (`vitbirds.data.streaming`), and the Ray Data pipeline it was
+   fresh process: the raw decode + augment rate (a process pool running the whole per-image
+   transform, normalisation included, no batching), the streaming DataLoader this project uses
+   (`vitbirds.data.streaming`: uint8 crops, normalised per batch in the consuming process, which
+   is counted), and the Ray Data pipeline it was
    measured against (file list -> `map_batches` decode + augment -> `iter_torch_batches`); images/s
    and peak memory (PSS of the whole process tree, so shared pages count once).
 2. `jobs/train.py --data-mode stream` over the whole set with two Train workers and a small model

@@ -3,11 +3,11 @@
 Same configuration, weights, batch, threads and input for both. Noise is the enemy on a shared
 machine, so the two models are measured in interleaved rounds (ours, timm, then timm, ours, ...:
 a neighbour's burst or a frequency change hits both alike), after warm-up steps, with the
-garbage collector paused; each round gives one ours/timm ratio and the bench reports the median
-ratio with its spread, plus the medians of the first and second half of the rounds: their
-difference estimates how far two runs of the bench would disagree (target: within 3 %). On a
-machine others are using, `--threads 1 --clock cpu` times the CPU this process got rather than the
-wall clock, which every neighbour's burst stretches.
+garbage collector paused, each timing at least `--round-seconds` long; each round gives one
+ours/timm ratio and the bench reports the median ratio with its spread, plus the medians of the
+first and second half of the rounds: their difference estimates how far two runs of the bench
+would disagree (target: within 3 %). On a machine others are using, `--threads 1 --clock cpu`
+times the CPU this process got rather than the wall clock, which every neighbour's burst stretches.
 
 Why the ratio once sat at 0.83-0.86 for vit-cpu training: our DropPath divided the [B, N, dim]
 activations by the keep rate after masking them, one full-size op more than timm (which rescales
@@ -127,15 +127,25 @@ def interleaved_rounds(
     contenders: dict[str, Step],
     *,
     batch: int,
-    steps: int,
+    steps: int | None,
+    round_seconds: float,
     rounds: int,
     warmup: int,
     device: str,
     clock: str,
-) -> dict[str, list[float]]:
-    """images/s of each contender per round; the order alternates each round (A B, B A, ...)."""
+) -> tuple[dict[str, list[float]], int]:
+    """images/s of each contender per round, and the steps each round timed; the order
+    alternates each round (A B, B A, ...).
+
+    Without a fixed `steps`, each timing covers at least `round_seconds` (steps sized from the
+    warm-up, as timeit's autorange does): a 0.2-s timing of a small model moves several percent
+    with every scheduler tick and frequency step, which is what kept two runs from agreeing.
+    """
     for step in contenders.values():
         timed(step, warmup, device)
+    slowest = max(timed(step, 1, device) for step in contenders.values())
+    if steps is None:
+        steps = max(1, math.ceil(round_seconds / slowest))
     speeds: dict[str, list[float]] = {label: [] for label in contenders}
     labels = list(contenders)
     gc.collect()
@@ -147,7 +157,7 @@ def interleaved_rounds(
                 speeds[label].append(batch * steps / seconds)
     finally:
         gc.enable()
-    return speeds
+    return speeds, steps
 
 
 def summarise(ours: list[float], theirs: list[float]) -> dict[str, float]:
@@ -201,16 +211,18 @@ def bench_preset(name: str, args: argparse.Namespace, peak: float | None) -> dic
     steps = {label: make_steps(model, x, y, device) for label, model in models.items()}
     results: dict = {"batch": batch, "gflops_per_image": {}}
     for mode in MODES:
-        speeds = interleaved_rounds(
+        speeds, steps_per_round = interleaved_rounds(
             {label: steps[label][mode] for label in models},
             batch=batch,
-            steps=args.steps or (20 if device == "cuda" else 2),
+            steps=args.steps,
+            round_seconds=args.round_seconds,
             rounds=args.rounds,
             warmup=args.warmup,
             device=device,
             clock=args.clock,
         )
         summary = summarise(speeds["ours"], speeds["timm"])
+        summary["steps_per_round"] = steps_per_round
         results["gflops_per_image"][mode] = round(flops[mode] / 1e9, 3)
         for label in models:
             achieved = flops[mode] * summary[f"{label}_images_per_s"]
@@ -278,7 +290,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--batch", type=int, help="batch size for every preset")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per mode")
-    parser.add_argument("--steps", type=int, help="steps per model per round (cpu 2, cuda 20)")
+    parser.add_argument("--steps", type=int, help="steps per model per round (fixed)")
+    parser.add_argument(
+        "--round-seconds",
+        type=float,
+        default=1.0,
+        help="without --steps: each model's timing per round lasts at least this long",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model and mode")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vitbirds.config import DataConfig, TrainConfig
@@ -26,12 +27,14 @@ from vitbirds.training.loop import TrainingRun, fit, seed_everything
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(splits: DatasetSplits, mode: str) -> list[dict[str, float]]:
+def _train(splits: DatasetSplits, mode: str, epochs: int) -> list[dict[str, float]]:
     recipe = get_recipe("vit-test")
-    recipe.train = replace(recipe.train, epochs=4, batch_size=16)
+    recipe.train = replace(recipe.train, epochs=epochs, batch_size=16)
     recipe.model.num_classes = len(splits.classes)
-    # Decoding in the main process: both paths then draw augmentations from the same RNG.
-    data_cfg = replace(recipe.data, stream_workers=0)
+    # Decoding in the main process, and no colour jitter: both paths then draw the same crops
+    # and flips from one RNG in the same order (the stream draws jitter per batch, the cache
+    # per image; tests/test_data_transforms.py checks that the two halves equal the whole).
+    data_cfg = replace(recipe.data, stream_workers=0, color_jitter=0.0)
     seed_everything(0)
     if mode == "cache":
         train, valid, _ = make_loaders(splits, data_cfg, recipe.train)
@@ -55,7 +58,7 @@ def _train(splits: DatasetSplits, mode: str) -> list[dict[str, float]]:
 def test_stream_and_cache_train_the_same_model_to_the_same_accuracy(tmp_path) -> None:
     root = make_synthetic_dataset(tmp_path / "birds", num_classes=3, images_per_class=30)
     splits = discover_dataset(root)
-    cached, streamed = _train(splits, "cache"), _train(splits, "stream")
+    cached, streamed = _train(splits, "cache", 4), _train(splits, "stream", 4)
     assert abs(cached[-1]["val_top1"] - streamed[-1]["val_top1"]) <= 0.05, (cached, streamed)
     assert streamed[-1]["train_loss"] < streamed[0]["train_loss"]  # it trained, as the cache did
 
@@ -181,3 +184,21 @@ def test_the_stream_yields_the_test_split_and_splits_valid_exactly_between_ranks
     valid_seen = sum(labels.numel() for shard in shards for _, labels in shard[1])
     test_seen = sum(labels.numel() for shard in shards for _, labels in shard[2])
     assert (valid_seen, test_seen) == (len(splits.valid), len(splits.test))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_eval_batches_equal_the_cache_s_per_image_transform(tmp_path, workers):
+    """Streamed batches are uint8 crops normalised as a batch where they are consumed; the
+    images the model sees must be the ones the per-image transform (cache, Serve) gives."""
+    root = make_synthetic_dataset(tmp_path / "birds", num_classes=3, images_per_class=20)
+    splits = discover_dataset(root)
+    train_cfg = TrainConfig(batch_size=4)
+    _, cached, _ = make_loaders(splits, DataConfig(image_size=32), train_cfg)
+    _, streamed, _ = make_stream_loaders(
+        splits, DataConfig(image_size=32, stream_workers=workers), train_cfg
+    )
+    cached_batches, streamed_batches = list(cached), list(streamed)
+    assert len(cached_batches) == len(streamed_batches) > 1
+    for (a, labels_a), (b, labels_b) in zip(cached_batches, streamed_batches, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(labels_a, labels_b)
+        assert torch.allclose(a, b, atol=1e-5)

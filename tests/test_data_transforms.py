@@ -82,21 +82,51 @@ def test_eval_transform_normalises_with_the_given_mean_and_std():
 def test_jitter_equals_torchvision_brightness_contrast_saturation_when_nothing_clips():
     image = (torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(1)) * 100 + 80).round()
     image = image.to(torch.uint8)
+    batch = torch.stack([image, image.flip(-1)])
     torch.manual_seed(3)
-    ours = ToNormalizedFloat((0, 0, 0), (1, 1, 1), jitter=0.2)(image)
+    ours = ToNormalizedFloat((0, 0, 0), (1, 1, 1), jitter=0.2)(batch)
     torch.manual_seed(3)
-    brightness, contrast, saturation = torch.empty(3).uniform_(0.8, 1.2).tolist()
-    reference = F.to_dtype(image, torch.float32, scale=True)
-    reference = F.adjust_brightness(reference, brightness)
-    reference = F.adjust_contrast(reference, contrast)
-    reference = F.adjust_saturation(reference, saturation)
-    assert not torch.allclose(reference, image / 255.0, atol=1e-2)  # it did change the image
-    assert torch.allclose(ours, reference, atol=1e-5)
+    factors = torch.empty(2, 3).uniform_(0.8, 1.2).tolist()  # one draw per image of the batch
+    assert factors[0] != factors[1]
+    for one, out, (brightness, contrast, saturation) in zip(batch, ours, factors, strict=True):
+        reference = F.to_dtype(one, torch.float32, scale=True)
+        reference = F.adjust_brightness(reference, brightness)
+        reference = F.adjust_contrast(reference, contrast)
+        reference = F.adjust_saturation(reference, saturation)
+        assert not torch.allclose(reference, one / 255.0, atol=1e-2)  # it did change the image
+        assert torch.allclose(out, reference, atol=1e-5)
 
 
-def test_normalisation_refuses_float_input():
+def test_normalisation_refuses_float_input_and_single_images():
     with pytest.raises(TypeError, match="uint8"):
-        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.rand(3, 8, 8))
+        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="batch"):
+        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+def test_the_uint8_half_then_the_batch_half_equal_the_whole_transform(photo):
+    """The streaming loader crops in its decoding processes and normalises whole batches on the
+    device: that must be the transform that Serve and the cache run on single images."""
+    transform = train_transform(DataConfig(image_size=32, random_erasing=0.5))
+    torch.manual_seed(7)
+    whole = [transform(photo) for _ in range(4)]
+    torch.manual_seed(7)
+    crops = []
+    for _ in range(4):  # the RNG order of single images: crop, then jitter and erasing
+        crop = transform.per_image(photo).as_subclass(torch.Tensor)
+        crops.append(transform.per_batch(crop.unsqueeze(0))[0])
+    assert all(torch.equal(a, b) for a, b in zip(whole, crops, strict=True))
+    crop = transform.per_image(photo)
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
+
+
+def test_random_erasing_draws_a_box_per_image_of_a_batch(photo):
+    finish = train_transform(DataConfig(image_size=32, random_erasing=1.0, color_jitter=0.0))
+    crop = finish.per_image(photo).as_subclass(torch.Tensor)
+    batch = finish.per_batch(crop.unsqueeze(0).repeat(8, 1, 1, 1))
+    erased = [(image == 0).all(dim=0) for image in batch]
+    assert all(mask.any() for mask in erased)
+    assert len({tuple(mask.nonzero()[0].tolist()) for mask in erased}) > 1  # not one box for all
 
 
 @pytest.mark.parametrize(("mixup", "cutmix"), [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])

@@ -54,16 +54,19 @@ def worker_data(
     rank: int,
     world: int,
     cpus: int,
+    device: torch.device,
 ) -> WorkerData:
     """This rank's loaders; `train_cfg.batch_size` is already the per-worker batch, `cpus` the
-    worker's cores (its decoding processes in stream mode)."""
+    worker's cores (its decoding processes in stream mode); stream mode normalises batches on
+    `device`."""
     mode = data_cfg.data_mode
     if mode == "auto":  # resolved by the driver for jobs/train.py; Tune trials come here
         mode = choose_data_mode(data_cfg, splits, workers_per_node=world).mode
     if mode == "stream":
         train, valid, _ = make_stream_loaders(
-            replace(splits, test=[]), data_cfg, train_cfg, rank=rank, world=world, cpus=cpus
-        )
+            replace(splits, test=[]), data_cfg, train_cfg, rank=rank, world=world, cpus=cpus,
+            device=device,
+        )  # fmt: skip
         return WorkerData(
             mode, _FirstBatchAnnouncer(train, rank), valid, len(train), train.set_epoch,
             lambda: len(train.skipped) + len(valid.skipped),

@@ -220,8 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
     worker_train = replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world))
     data = worker_data(
-        splits, recipe.data, worker_train, rank=rank, world=world, cpus=job.cpus_per_worker
-    )
+        splits, recipe.data, worker_train, rank=rank, world=world, cpus=job.cpus_per_worker,
+        device=device,
+    )  # fmt: skip
 
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
     checkpoint = ray.train.get_checkpoint()
@@ -457,10 +458,6 @@ def _resolve_data_mode(job: TrainJob, splits: DatasetSplits) -> TrainJob:
 def _train_and_export(
     job: TrainJob, splits: DatasetSplits, storage: str, tracker: Tracker, started: float
 ) -> TrainOutcome:
-    # Imported here, not at the top: workers import this module too, and matplotlib/scipy
-    # (evaluation figures) would only slow every worker's start.
-    from vitbirds.training.export import export_model
-
     tracker.log_params({**job.to_dict(), "system": system_info(job)})
     tracker.set_tags(
         {
@@ -471,6 +468,11 @@ def _train_and_export(
         }
     )
     result, progress = _fit(job, tracker)
+    # Imported here, not at the top: workers import this module too, and matplotlib/scipy
+    # (evaluation figures) would only slow every worker's start; and after training, not
+    # before: its ~2 s would delay the first step.
+    from vitbirds.training.export import export_model
+
     best_checkpoint, best_metrics = max(
         result.best_checkpoints,
         key=lambda pair: (pair[1][SCORE_METRIC], -pair[1]["val_loss"]),

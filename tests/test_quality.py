@@ -173,13 +173,14 @@ def test_stochastic_depth_drops_residual_branches_only_while_training() -> None:
 def test_augmentation_options_change_the_training_transform() -> None:
     from vitbirds.data import train_transform
 
+    def steps(transform) -> set[str]:  # both halves: per image (uint8) and per batch
+        both = [*transform.per_image.transforms, *transform.per_batch.transforms]
+        return {type(step).__name__ for step in both}
+
     plain = train_transform(DataConfig(image_size=32, color_jitter=0.0))
     strong = train_transform(DataConfig(image_size=32, trivialaugment=True, random_erasing=1.0))
-    names = {type(step).__name__ for step in strong.transforms}
-    assert {"TrivialAugmentWide", "RandomErasing"} <= names
-    assert not {"TrivialAugmentWide", "RandomErasing"} & {
-        type(step).__name__ for step in plain.transforms
-    }
+    assert {"TrivialAugmentWide", "EraseEach"} <= steps(strong)
+    assert not {"TrivialAugmentWide", "EraseEach"} & steps(plain)
 
 
 def test_mixup_and_cutmix_give_the_training_run_soft_targets() -> None:

@@ -137,9 +137,9 @@ def interleaved_rounds(
     """images/s of each contender per round, and the steps each round timed; the order
     alternates each round (A B, B A, ...).
 
-    Without a fixed `steps`, each timing covers at least `round_seconds` (steps sized from the
-    warm-up, as timeit's autorange does): a 0.2-s timing of a small model moves several percent
-    with every scheduler tick and frequency step, which is what kept two runs from agreeing.
+    Without a fixed `steps`, each timing covers at least `round_seconds` (steps sized from one
+    timed step after the warm-up, as timeit's autorange sizes its loops): a 0.3-s timing moves
+    several percent with every scheduler tick and frequency step on a small VM.
     """
     for step in contenders.values():
         timed(step, warmup, device)

@@ -6,9 +6,10 @@ valid in every worker, N * (1.15 * image_size)^2 * 3 bytes each (85k Kaggle phot
 the batches in flight: DataLoader processes (`DataConfig.stream_workers`) read, decode (JPEG DCT
 scaling, `images.load_rgb`) and crop a sample at a time, so memory is bounded by
 workers x prefetch x batch, whatever the dataset size. They hand over uint8 crops, stacked
-straight into shared memory; colour jitter and normalisation run on the whole batch on the
-training device (`transforms.SplitTransform`). Float crops were 4x the bytes to stack, share and
-copy to a GPU: at 224 px that cost more than a quarter of what decoding and cropping cost.
+straight into shared memory; colour jitter and normalisation run batch by batch where the
+batch is consumed, on the training device (`transforms.SplitTransform`). Float crops were 4x
+the bytes to stack, share and copy to a GPU: at 224 px that cost more than a quarter of what
+decoding and cropping cost.
 `jobs/bench_data.py` (streamed, normalised images/s over a process pool's per-image decode +
 augment + normalise rate, same 2 cores): 0.64 with float crops, 0.91 and 0.87 with uint8 ones.
 

@@ -48,8 +48,7 @@ class SplitTransform:
     per_batch: Transform
 
     def __call__(self, image: Any) -> torch.Tensor:
-        crop = self.per_image(image).as_subclass(torch.Tensor)
-        return self.per_batch(crop.unsqueeze(0))[0]
+        return self.per_batch(self.per_image(image).as_subclass(torch.Tensor))
 
 
 def eval_transform(
@@ -92,8 +91,8 @@ def train_transform(
 
 
 class ToNormalizedFloat:
-    """uint8 images [B, 3, H, W] -> float, each colour-jittered if asked, then normalised by
-    mean/std.
+    """uint8 image [3, H, W] or images [B, 3, H, W] -> float, each colour-jittered if asked, then
+    normalised by mean/std.
 
     `jitter` draws brightness, contrast and saturation factors from [1 - jitter, 1 + jitter], per
     image. No hue: plumage colour is what tells many species apart. Scaling to [0, 1], the three
@@ -117,8 +116,10 @@ class ToNormalizedFloat:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
+        if images.dim() == 3:
+            return self._one(images.as_subclass(torch.Tensor))
         if images.dim() != 4:
-            raise ValueError(f"expected a batch [B, 3, H, W], got shape {tuple(images.shape)}")
+            raise ValueError(f"expected [3, H, W] or [B, 3, H, W], got {tuple(images.shape)}")
         images = images.as_subclass(torch.Tensor)
         size, device = images.shape[0], images.device
         factors = self._factors(size)
@@ -141,6 +142,30 @@ class ToNormalizedFloat:
                 for channel, (lowest, highest) in enumerate(self.bounds):
                     flat_out[index, channel].clamp_(lowest, highest)
         return out
+
+    def _one(self, image: torch.Tensor) -> torch.Tensor:
+        """One image [3, H, W], the way every model so far was trained and served (the batch path
+        above computes the same maps, composed, and agrees to float rounding)."""
+        image = image.float()  # a new tensor: in-place ops below are safe
+        mean = torch.tensor(self.mean).view(3, 1, 1).to(image.device)
+        std = torch.tensor(self.std).view(3, 1, 1).to(image.device)
+        if self.jitter == 0:
+            return image.div_(255.0).sub_(mean).div_(std)
+        low, high = 1 - self.jitter, 1 + self.jitter
+        brightness, contrast, saturation = torch.empty(3).uniform_(low, high).tolist()
+        mean_gray = float(image.mean(dim=(-2, -1)) @ _LUMA.to(image.device)) / 255.0 * brightness
+        scale = contrast * brightness / 255.0
+        to_gray = (1 - saturation) * scale
+        matrix = torch.tensor(
+            [
+                [to_gray * w + (saturation * scale if i == j else 0.0) for j, w in enumerate(LUMA)]
+                for i in range(3)
+            ],
+            device=image.device,
+        )
+        offset = torch.full((3, 1), (1 - contrast) * mean_gray, device=image.device)
+        flat = torch.addmm(offset, matrix, image.reshape(3, -1))
+        return flat.view(image.shape).clamp_(0.0, 1.0).sub_(mean).div_(std)
 
     def _factors(self, size: int) -> list[tuple[float, float, float]]:
         """Brightness, contrast and saturation of each image: its own draw, or 1s without jitter."""
@@ -173,6 +198,8 @@ class EraseEach:
         self.erase = v2.RandomErasing(p=probability, value=0)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dim() == 3:
+            return self.erase(batch)
         for index in range(batch.shape[0]):
             batch[index] = self.erase(batch[index])
         return batch

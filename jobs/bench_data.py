@@ -4,12 +4,14 @@
     python jobs/bench_data.py --data-dir data/birds525-synthetic
 
 In one run, on the dataset given (224-px photos, Kaggle layout):
-1. Data-only candidates over the same `--sample` training files and the same cores, each in a
-   fresh process: the raw decode + augment rate (a process pool running the whole per-image
-   transform, normalisation included, no batching), the streaming DataLoader this project uses
-   (`vitbirds.data.streaming`: uint8 crops, normalised per batch in the consuming process, which
-   is counted), and the Ray Data pipeline it was
-   measured against (file list -> `map_batches` decode + augment -> `iter_torch_batches`); images/s
+1. Data-only candidates over the same training files (`--sample` a round) and cores, each in a
+   fresh process, in `--rounds` interleaved rounds (each round a different slice of the set, the
+   candidates' order alternating), so that this VM's speed, which drifts by 10-20 % within a
+   minute, weighs on every candidate alike: the raw decode + augment rate (a process pool
+   running the whole per-image transform, normalisation included, no batching), the streaming
+   DataLoader this project uses (`vitbirds.data.streaming`: uint8 crops, normalised per batch in
+   the consuming process, which is counted), and the Ray Data pipeline it was measured against
+   (file list -> `map_batches` decode + augment -> `iter_torch_batches`); images/s
    and peak memory (PSS of the whole process tree, so shared pages count once).
 2. `jobs/train.py --data-mode stream` over the whole set with two Train workers and a small model
    that still takes 224-px input (vit-s16 cut to one 48-wide block, so the data path is the real
@@ -168,7 +170,7 @@ CANDIDATES = {"raw": candidate_raw, "stream": candidate_stream, "ray_data": cand
 
 def run_candidate(args: argparse.Namespace) -> None:
     """In a child process: one candidate over the sample; prints {images, seconds} as JSON."""
-    splits = _sample(discover_dataset(args.data_dir), args.sample)
+    splits = _sample(discover_dataset(args.data_dir), args.sample, args.round)
     data_cfg = DataConfig(image_size=args.image_size)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -176,16 +178,36 @@ def run_candidate(args: argparse.Namespace) -> None:
     print(json.dumps({"images": images, "seconds": time.perf_counter() - started}), flush=True)
 
 
-def _sample(splits: DatasetSplits, count: int) -> DatasetSplits:
+def _sample(splits: DatasetSplits, count: int, offset: int = 0) -> DatasetSplits:
+    """`count` training files spread over the set (every class, not the first few); another
+    `offset` gives other files."""
     step = max(1, len(splits.train) // count)
-    splits.train = splits.train[::step][:count]  # every class, not the first few
+    splits.train = splits.train[offset % step :: step][:count]
     return splits
 
 
-def measure_candidate(name: str, args: argparse.Namespace) -> dict[str, float]:
+def measure_candidates(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Every candidate once per round, rounds interleaved and the order alternating; each
+    candidate's rate is its images over its seconds summed over the rounds."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            runs[name].append(measure_candidate(name, args, round_))
+    return {
+        name: {
+            "images_per_s": sum(r["images"] for r in done) / sum(r["seconds"] for r in done),
+            "images_per_s_by_round": [round(r["images"] / r["seconds"], 1) for r in done],
+            "peak_pss_gib": max(r["peak_pss_gib"] for r in done),
+            "images": sum(r["images"] for r in done),
+        }
+        for name, done in runs.items()
+    }
+
+
+def measure_candidate(name: str, args: argparse.Namespace, round_: int) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--data-dir", args.data_dir, "--candidate", name,
-        "--sample", str(args.sample), "--cpus", str(args.cpus),
+        "--sample", str(args.sample), "--round", str(round_), "--cpus", str(args.cpus),
         "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -195,7 +217,7 @@ def measure_candidate(name: str, args: argparse.Namespace) -> dict[str, float]:
         raise RuntimeError(f"candidate {name} failed with exit status {process.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     return {
-        "images_per_s": result["images"] / result["seconds"],
+        "seconds": result["seconds"],
         "peak_pss_gib": sampler.peak / GIB,
         "images": result["images"],
     }
@@ -273,13 +295,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224, help="model input of candidates")
-    parser.add_argument("--sample", type=int, default=2000, help="files the candidates read")
+    parser.add_argument("--sample", type=int, default=3000, help="files a candidate reads a round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved candidate rounds")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="candidates' cores")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["candidates", "ray_data", "halved"],
         help="parts to leave out (the full run always runs)",
     )  # fmt: skip
     parser.add_argument("--candidate", choices=list(CANDIDATES), help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -300,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     names = [] if "candidates" in args.skip else ["raw", "stream"]
     names += [] if {"candidates", "ray_data"} & set(args.skip) else ["ray_data"]
-    results["candidates"] = {name: measure_candidate(name, args) for name in names}
+    results["candidates"] = measure_candidates(names, args)
     print(json.dumps(results["candidates"]), flush=True)
     results["full"] = measure_training(args, [], "full")
     if "halved" not in args.skip:

@@ -9,7 +9,8 @@ Three systems answer the same multipart uploads of real JPEGs (../shared/data/cu
   `async def` (the model blocks the event loop, so requests run one at a time, with no thread
   hand-offs). Which is faster depends on the machine and its load; the target takes the faster.
 - serve: serve/app.py with the deployment options of serve/config.yaml (batching, queues), in
-  each `--serve-modes`, each on its own fresh local Ray (the switches are read at Ray start-up):
+  each `--serve-modes`, each in its own process and fresh local Ray, started with the mode's
+  switches (Serve reads them when it is imported, in the driver as in every replica):
   `proxy`, Serve's default (HTTP -> Python proxy actor -> Ingress -> Classifier over actor
   calls), and `haproxy`, Serve's throughput-optimised mode (RAY_SERVE_ENABLE_HA_PROXY=1 and
   RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy forwards HTTP straight to the Ingress replica's own
@@ -34,6 +35,7 @@ the configuration that ran vit-s16 at the one-thread rate.
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -314,27 +316,50 @@ def bench_naive(args, model_dir: Path, photos: list[bytes], style: str) -> dict[
         server.wait(timeout=30)
 
 
-def bench_serve(
-    args, model_dir: Path, photos: list[bytes], work: Path, mode: str
-) -> dict[str, Any]:
-    """One Serve mode on a fresh local Ray whose processes inherit the mode's switches."""
-    settings = ServeSettings(
-        model_dir=str(model_dir),
-        prediction_log=str(work / f"predictions-{mode}.jsonl"),
-        torch_threads=args.classifier_threads,
-    )
-    saved = dict(os.environ)
-    os.environ.update(SERVE_MODES[mode])
+def bench_serve(args, model_dir: Path, work: Path, mode: str) -> dict[str, Any]:
+    """One Serve mode in a child process started with the mode's switches in its environment.
+
+    Serve reads them when `ray.serve` is imported, in the driver too: a handle built by a driver
+    that imported Serve without them calls its replicas by reference (a 600-KB tensor through
+    the object store) where `serve run` and the RayService, which have them from the start, use
+    gRPC. Setting them in this process after its imports measured that slower path."""
+    env = {**os.environ, **SERVE_MODES[mode]}
     # HAProxy gets its own files and ports, beside any other HAProxy on the machine (in a short
     # directory: its unix socket paths must stay under 97 characters).
     haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
     if mode == "haproxy":
-        os.environ.update(private_haproxy_env(haproxy_dir))
+        env |= private_haproxy_env(haproxy_dir)
+    result = work / f"serve-{mode}.json"
+    command = [
+        sys.executable, __file__, "--serve-child", mode, "--model-dir", str(model_dir),
+        "--result", str(result), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+        "--concurrency", *map(str, args.concurrency), "--photos", str(args.photos),
+        "--slow-senders", str(args.slow_senders),
+        "--slow-sender-requests", str(args.slow_sender_requests),
+    ]  # fmt: skip
+    for flag, value in (
+        ("--classifier-replicas", args.classifier_replicas),
+        ("--classifier-threads", args.classifier_threads),
+    ):
+        command += [flag, str(value)] if value else []
     try:
-        # A small object store: only small tensors travel, and a big one is slow to set up.
-        ray.init(
-            object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False
-        )
+        subprocess.run(command, env=env, check=True)
+    finally:
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+    return json.loads(result.read_text())
+
+
+def serve_child(args, photos: list[bytes]) -> None:
+    """The `bench_serve` child: a fresh local Ray, the app, the measurements, into `--result`."""
+    model_dir, work = Path(args.model_dir), Path(args.result).parent
+    settings = ServeSettings(
+        model_dir=str(model_dir),
+        prediction_log=str(work / f"predictions-{args.serve_child}.jsonl"),
+        torch_threads=args.classifier_threads,
+    )
+    # A small object store: only small tensors travel, and a big one is slow to set up.
+    ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    try:
         port = free_port()
         url = start_app(settings, deployment_options(args.classifier_replicas), port=port)
         results: dict[str, Any] = {"classifier_torch_threads": classifier_threads(url)}
@@ -351,14 +376,10 @@ def bench_serve(
                     url + "/predict", port, photos, args.slow_senders, args.slow_sender_requests
                 )
             )
-        return results
+        Path(args.result).write_text(json.dumps(results))
     finally:
-        if ray.is_initialized():  # a loaded machine can fail Ray's own start-up
-            serve.shutdown()
-            ray.shutdown()
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
-        os.environ.clear()
-        os.environ.update(saved)
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main() -> None:
@@ -391,6 +412,9 @@ def main() -> None:
         help="Serve set-ups to measure; the first is scored against the targets",
     )
     parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", choices=list(SERVE_MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-style", choices=NAIVE_STYLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -405,6 +429,9 @@ def main() -> None:
         sys.exit("bench_serve needs real photos: set VITBIRDS_DATA or place ../shared/data")
     valid = data / "cub100" / "valid"
     photos = load_photos(valid, args.photos)
+    if args.serve_child:
+        serve_child(args, photos)
+        return
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)
@@ -418,9 +445,7 @@ def main() -> None:
         naive = {style: bench_naive(args, model_dir, photos, style) for style in NAIVE_STYLES}
         # Ray runs only under the Serve measurements: the limit and the naive server get the
         # machine to themselves, which can only favour them.
-        served = {
-            mode: bench_serve(args, model_dir, photos, work, mode) for mode in args.serve_modes
-        }
+        served = {mode: bench_serve(args, model_dir, work, mode) for mode in args.serve_modes}
 
     top = f"c{max(args.concurrency)}"
     scored_mode = args.serve_modes[0]

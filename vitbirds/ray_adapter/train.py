@@ -401,7 +401,11 @@ def _duration(seconds: float) -> str:
 def _follow(feed: Any, handle: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
     while True:
         stopping = stop.wait(0.5)
-        for item in ray.get(feed.drain.remote()):
+        try:
+            items = ray.get(feed.drain.remote())
+        except ray.exceptions.RayActorError:  # Ctrl-C: Ray is going down with the feed
+            return
+        for item in items:
             try:
                 handle(item)
             except Exception:  # a tracker hiccup must not end the progress lines, nor training

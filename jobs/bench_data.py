@@ -119,7 +119,7 @@ def _init_raw_worker(data_cfg: DataConfig) -> None:
 
 
 def _decode_augment(path: str) -> int:
-    image = load_rgb(path, short_side=_WORKER["decode_size"])
+    image = load_rgb(path, short_side=_WORKER["decode_size"], resize=False)  # as the stream
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     return int(_WORKER["transform"](tensor).shape[-1])
 
@@ -150,7 +150,9 @@ def candidate_ray_data(splits: DatasetSplits, data_cfg: DataConfig, cpus: int, b
     def decode(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [
             transform(
-                torch.from_numpy(np.array(load_rgb(p, short_side=decode_size))).permute(2, 0, 1)
+                torch.from_numpy(
+                    np.array(load_rgb(p, short_side=decode_size, resize=False))
+                ).permute(2, 0, 1)
             ).numpy()
             for p in rows["path"]
         ]

@@ -124,6 +124,15 @@ def test_short_side_decodes_a_reduced_image_keeping_aspect():
     assert np.allclose(_pixel(image, (40, 30)), [90, 140, 200], atol=4)
 
 
+def test_without_resize_short_side_only_reduces_the_jpeg_scale():
+    """For random crops, which resample anyway: the DCT-reduced decode, never below short_side."""
+    jpeg = _encode(Image.new("RGB", (800, 600), (90, 140, 200)), "JPEG")
+    assert load_rgb(jpeg, short_side=60, resize=False).size == (100, 75)  # 1/8 scale
+    assert load_rgb(jpeg, short_side=200, resize=False).size == (400, 300)  # 1/2: 1/4 < 200
+    small = _encode(Image.new("RGB", (40, 30)), "PNG")
+    assert load_rgb(small, short_side=60, resize=False).size == (40, 30)  # never upscaled
+
+
 def test_image_above_max_pixels_is_refused_naming_its_size():
     with pytest.raises(ImageDecodeError, match="20x20"):
         load_rgb(_encode(Image.new("RGB", (20, 20))), max_pixels=399)

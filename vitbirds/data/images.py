@@ -119,11 +119,16 @@ def load_rgb(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     short_side: int | None = None,
+    resize: bool = True,
 ) -> Image.Image:
     """Decode `source` (a path or the file's bytes) to an upright RGB image.
 
     `short_side` resizes so the shorter edge has that many pixels; JPEGs are then decoded at a
-    reduced DCT scale (`Image.draft`), which is what makes decoding a dataset once cheap.
+    reduced DCT scale (`Image.draft`), which is what makes decoding a dataset once cheap. With
+    `resize=False` only the reduced scale applies (the short side stays at least `short_side`,
+    a JPEG's within a factor of 2 of it): for a random crop that resamples anyway, where
+    resampling the whole image first costs more than decoding it (Pillow's bilinear 224 -> 258
+    px, 0.7-1.1 ms, against 0.6 ms to decode a 224-px JPEG on the 2-core machine).
     Refusals (format, declared size, aspect ratio) happen before any pixel is decoded.
     """
     if isinstance(source, bytes | bytearray):
@@ -135,12 +140,12 @@ def load_rgb(
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     try:
-        return _decode(data, max_pixels, short_side)
+        return _decode(data, max_pixels, short_side, resize)
     except ImageDecodeError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
 
 
-def _decode(data: bytes, max_pixels: int, short_side: int | None) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, short_side: int | None, resize: bool) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     image_format = sniff_format(data)
@@ -168,7 +173,7 @@ def _decode(data: bytes, max_pixels: int, short_side: int | None) -> Image.Image
         raise
     except Exception as exc:  # truncated data surfaces as OSError, others as ValueError/SyntaxError
         raise ImageDecodeError(f"cannot decode pixels ({exc})") from exc
-    if short_side is not None:
+    if short_side is not None and resize:
         image = _resize_short_side(image, short_side)
     return image
 

@@ -10,8 +10,13 @@ straight into shared memory; colour jitter and normalisation run batch by batch 
 batch is consumed, on the training device (`transforms.SplitTransform`). Float crops were 4x
 the bytes to stack, share and copy to a GPU: at 224 px that cost more than a quarter of what
 decoding and cropping cost.
-`jobs/bench_data.py` (streamed, normalised images/s over a process pool's per-image decode +
-augment + normalise rate, same 2 cores): 0.64 with float crops, 0.91 and 0.87 with uint8 ones.
+Training crops are cut from the decoded photo (JPEG DCT scaling only, `resize=False`), not from
+a copy first resampled to the decode size: one resampling per image instead of two (the data
+path alone, two trainers with a DataLoader process each: 383-399 -> 557-607 images/s; an epoch
+of a small model through `jobs/train.py`, where the trainers' own work also counts: 6-18 %). `jobs/bench_data.py` (streamed, normalised images/s over a
+process pool's per-image decode + augment + normalise rate, same 2 cores): 0.64 with float
+crops; with uint8 ones 0.70-0.80, and 0.85 and 0.76 with the single resampling (the pool pays
+no hand-off: shared-memory batches, a third process on two cores).
 
 Why this and not Ray Data (file list -> `map_batches` decode + augment -> `get_dataset_shard` +
 `iter_torch_batches`): `jobs/bench_data.py` measures both on the same files and cores. On the
@@ -70,7 +75,8 @@ Item = tuple[torch.Tensor | None, int, str | None]  # (image or None, label, why
 class LazyImageDataset(Dataset[Item]):
     """(transformed image, label, None) per sample, decoded on every access; (None, label,
     reason) for a file that cannot be decoded, which `collate_skipping` drops and counts.
-    `transform` is the per-image, uint8 half of a `SplitTransform`."""
+    `transform` is the per-image, uint8 half of a `SplitTransform`. `resize=False` decodes at
+    a reduced JPEG scale only, leaving the one resampling to a random crop (`images.load_rgb`)."""
 
     def __init__(
         self,
@@ -78,11 +84,13 @@ class LazyImageDataset(Dataset[Item]):
         transform: Callable[[torch.Tensor], torch.Tensor],
         *,
         decode_size: int | None = None,
+        resize: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.decode_size = decode_size
+        self.resize = resize
         self.max_pixels = max_pixels
 
     @property
@@ -95,7 +103,12 @@ class LazyImageDataset(Dataset[Item]):
     def __getitem__(self, index: int) -> Item:
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path, short_side=self.decode_size, max_pixels=self.max_pixels)
+            image = load_rgb(
+                sample.path,
+                short_side=self.decode_size,
+                resize=self.resize,
+                max_pixels=self.max_pixels,
+            )
         except ImageDecodeError as exc:
             return None, sample.label, str(exc)
         # HWC viewed as CHW without a copy, as the cache stores it (loading.py).
@@ -217,7 +230,10 @@ def make_stream_loaders(
         workers = max(1, (cpus or os.cpu_count() or 1) - 1)
 
     def loader(samples: list[Sample], transform: SplitTransform, train: bool) -> StreamLoader:
-        dataset: Dataset = LazyImageDataset(samples, transform.per_image, decode_size=decode_size)
+        # Training's random crop resamples each image once; evaluation resizes as the cache did.
+        dataset: Dataset = LazyImageDataset(
+            samples, transform.per_image, decode_size=decode_size, resize=not train
+        )
         sampler, generator = None, None
         if train and world > 1:
             sampler = DistributedSampler(

@@ -13,10 +13,11 @@ decoding and cropping cost.
 Training crops are cut from the decoded photo (JPEG DCT scaling only, `resize=False`), not from
 a copy first resampled to the decode size: one resampling per image instead of two (the data
 path alone, two trainers with a DataLoader process each: 383-399 -> 557-607 images/s; an epoch
-of a small model through `jobs/train.py`, where the trainers' own work also counts: 6-18 %). `jobs/bench_data.py` (streamed, normalised images/s over a
-process pool's per-image decode + augment + normalise rate, same 2 cores): 0.64 with float
-crops; with uint8 ones 0.70-0.80, and 0.85 and 0.76 with the single resampling (the pool pays
-no hand-off: shared-memory batches, a third process on two cores).
+of a small model through `jobs/train.py`, where the trainers' own work also counts: 6-18 %).
+`jobs/bench_data.py` (streamed, normalised images/s over a process pool's per-image decode +
+augment + normalise rate, same 2 cores): 0.64 with float crops; with uint8 ones 0.70-0.80, and
+0.85 and 0.76 with the single resampling (the pool pays no hand-off: shared-memory batches, a
+third process on two cores).
 
 Why this and not Ray Data (file list -> `map_batches` decode + augment -> `get_dataset_shard` +
 `iter_torch_batches`): `jobs/bench_data.py` measures both on the same files and cores. On the

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vitbirds.config import DataConfig, TrainConfig
-from vitbirds.data import discover_dataset, make_loaders, make_synthetic_dataset
+from vitbirds.data import discover_dataset, make_loaders, make_synthetic_dataset, streaming
 from vitbirds.data.sources import DatasetSplits, Sample
 from vitbirds.data.streaming import choose_data_mode, make_stream_loaders
 from vitbirds.devices import resolve_device
@@ -174,6 +174,33 @@ def test_an_undecodable_file_in_the_stream_is_skipped_and_counted(tmp_path, capl
     assert "skipped 1 image(s) that could not be decoded" in caplog.text
     list(train)  # a second epoch meets the same file: still one
     assert len(train.skipped) == 1
+
+
+def test_training_crops_come_from_the_decoded_photo_and_eval_resizes_as_the_cache(
+    tmp_path, monkeypatch
+):
+    """The training split's random crop is the one resampling (no resize to the decode size
+    first); valid/test are resized as the cache, Serve and evaluation resize them."""
+    for split, count in (("train", 4), ("valid", 2)):
+        folder = tmp_path / split / "c0"
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (160, 120), (index * 40, 90, 200)).save(folder / f"{index}.png")
+    decoded: list[tuple[str, tuple[int, int]]] = []
+    real_load_rgb = streaming.load_rgb
+
+    def spy(path, **kwargs):
+        image = real_load_rgb(path, **kwargs)
+        decoded.append((Path(path).parts[-3], image.size))
+        return image
+
+    monkeypatch.setattr(streaming, "load_rgb", spy)
+    train, valid, _ = make_stream_loaders(
+        discover_dataset(tmp_path), DataConfig(image_size=32, stream_workers=0), TrainConfig()
+    )
+    shapes = [images.shape[-2:] for loader in (train, valid) for images, _ in loader]
+    assert all(shape == (32, 32) for shape in shapes)
+    assert sorted(decoded) == [("train", (160, 120))] * 4 + [("valid", (49, 37))] * 2
 
 
 def test_the_stream_yields_the_test_split_and_splits_valid_exactly_between_ranks(tmp_path):

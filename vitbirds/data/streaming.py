@@ -11,9 +11,10 @@ batch is consumed, on the training device (`transforms.SplitTransform`). Float c
 the bytes to stack, share and copy to a GPU: at 224 px that cost more than a quarter of what
 decoding and cropping cost.
 Training crops are cut from the decoded photo (JPEG DCT scaling only, `resize=False`), not from
-a copy first resampled to the decode size: one resampling per image instead of two (the data
-path alone, two trainers with a DataLoader process each: 383-399 -> 557-607 images/s; an epoch
-of a small model through `jobs/train.py`, where the trainers' own work also counts: 6-18 %).
+a copy first resampled to the decode size: one resampling per image instead of two (an epoch
+of a small model through `jobs/train.py` over 21,000 of the 224-px stand-in's photos, two Train
+workers on 2 cores, before and after alternated four times: 288-372 -> 340-453 images/s, +6 to
++36 % per pair; the trainers' own work bounds the epoch too).
 `jobs/bench_data.py` (streamed, normalised images/s over a process pool's per-image decode +
 augment + normalise rate, same 2 cores): 0.64 with float crops; with uint8 ones 0.70-0.80, and
 0.85 and 0.76 with the single resampling (the pool pays no hand-off: shared-memory batches, a

@@ -2,7 +2,7 @@
 explainer.
 
     HTTP -> Ingress (FastAPI: reads and decodes the upload, answers every bad input with a 4xx)
-              |-> Classifier          (@serve.batch: probabilities + CLS embeddings)
+              |-> Classifier          (batched forward: probabilities + CLS embeddings)
               `-> AttentionExplainer  (attention rollout overlay PNG, /explain only)
 
 `serve run serve/config.yaml` (from the repository root) or `serve.run(app({"model_dir": ...}))`.
@@ -43,6 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from serve.batching import DynamicBatcher
 from serve.body_deadline import BodyDeadline, BodyDeadlineMiddleware
 from serve.drift_gauges import DriftWatcher
 from serve.inference import (
@@ -297,10 +298,11 @@ def _log_anchor(version: ModelVersion, local_dir: Path) -> Path:
     name="Classifier",
     max_ongoing_requests=64,  # >= max_batch_size, so a full batch can form
     max_queued_requests=128,
-    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+    user_config={"max_batch_size": 32},
 )
 class Classifier:
-    """Loads the model once; answers batches of preprocessed images."""
+    """Loads the model once; answers batches of preprocessed images. A batch is whatever queued
+    while the previous one ran (serve/batching.py), up to `max_batch_size`."""
 
     def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
         threads = set_torch_threads(settings.torch_threads)
@@ -308,6 +310,7 @@ class Classifier:
         loaded = load_model(materialize(version), device)
         self.predictor = BatchPredictor(loaded, device)
         self.batch_stats = BatchStats(model_sha256=version.sha256, torch_threads=threads)
+        self.batcher = DynamicBatcher(self.predictor, max_batch_size=32, on_batch=self._observe)
         logger.info(
             "Classifier: %s %s (sha256 %s) on %s, %d torch threads",
             loaded.metadata.name,
@@ -318,16 +321,18 @@ class Classifier:
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Batching knobs from user_config, changeable without restarting the replica."""
-        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        """Batching from user_config, changeable without restarting the replica."""
+        unknown = sorted(set(config) - {"max_batch_size"})
+        if unknown:
+            raise ValueError(f"unknown Classifier user_config keys {unknown}: only max_batch_size")
+        self.batcher.max_batch_size = config.get("max_batch_size", 32)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, images: list[torch.Tensor]) -> list[ClassifierOutput]:
-        self.batch_stats.record(len(images))
-        _batch_sizes().observe(len(images))
-        # A worker thread keeps this replica's event loop free to gather the next batch.
-        return await asyncio.to_thread(self.predictor, images)
+    async def predict(self, image: torch.Tensor) -> ClassifierOutput:
+        return await self.batcher(image)
+
+    def _observe(self, size: int) -> None:
+        self.batch_stats.record(size)
+        _batch_sizes().observe(size)
 
     def stats(self) -> BatchStats:
         return self.batch_stats

@@ -12,7 +12,7 @@ from browser import chromium, open_page, requires_browser, screenshot, wait_for_
 from ray import serve
 from selenium.webdriver.common.by import By
 
-from serve.inference import ImagePreprocessor
+from serve.inference import ImagePreprocessor, model_normaliser
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.model.files import LoadedModel, load_model
@@ -41,7 +41,8 @@ def url(ray_session, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _offline_top5(loaded: LoadedModel, data: bytes) -> list[str]:
-    image = ImagePreprocessor(loaded.metadata).model_input(data)
+    crop = ImagePreprocessor(loaded.metadata).model_input(data)
+    image = model_normaliser(loaded.metadata)(crop)
     with torch.inference_mode():
         probabilities = loaded.model(image[None]).softmax(dim=-1)[0]
     return [loaded.metadata.class_names[i] for i in probabilities.topk(5).indices]

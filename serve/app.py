@@ -50,6 +50,7 @@ from serve.inference import (
     BatchPredictor,
     ClassifierOutput,
     ImagePreprocessor,
+    model_normaliser,
     render_explanation,
     top_k,
 )
@@ -346,9 +347,13 @@ class AttentionExplainer:
         set_torch_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         self.loaded = load_model(materialize(version), self.device)
+        self.normalise = model_normaliser(self.loaded.metadata)
 
     async def explain(self, image: torch.Tensor, display: Any) -> bytes:
-        return await asyncio.to_thread(render_explanation, self.loaded, image, display, self.device)
+        """`image`: the Ingress's uint8 crop (`ImagePreprocessor.model_input`)."""
+        return await asyncio.to_thread(
+            render_explanation, self.loaded, self.normalise(image), display, self.device
+        )
 
 
 _UPLOAD_BODY = {

@@ -115,9 +115,8 @@ def render_explanation(
     loaded: LoadedModel, image: torch.Tensor, display: np.ndarray, device: torch.device | str
 ) -> bytes:
     """PNG of photo | attention rollout | overlay, captioned with the model's top-1 guess.
-    `image` is an `ImagePreprocessor.model_input`."""
-    model_input = model_normaliser(loaded.metadata)(image)
-    explanation = explain_image(loaded.model, model_input.to(device))
+    `image` is the normalised model input (`model_normaliser` of a `model_input`)."""
+    explanation = explain_image(loaded.model, image.to(device))
     label = loaded.metadata.class_names[explanation.predicted]
     probability = float(explanation.probs[explanation.predicted])
     caption = f"{label} ({probability:.1%}), attention rollout"

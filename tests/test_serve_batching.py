@@ -39,63 +39,48 @@ async def _submit(batcher: DynamicBatcher, items: list[int]) -> list[asyncio.Tas
     return tasks
 
 
-def test_requests_arriving_during_a_batch_form_the_next_one():
-    async def scenario() -> tuple[list[int], list[list[int]]]:
-        run = GatedRun()
-        batcher = DynamicBatcher(run, max_batch_size=32)
-        first = await _submit(batcher, [1])
-        await run.wait_started()  # a lone request starts at once, without waiting for company
-        rest = await _submit(batcher, [2, 3, 4, 5, 6])
-        run.release(2)
-        return await asyncio.gather(*first, *rest), run.batches
+def _behind_a_running_batch(
+    max_batch_size: int, first: int, queued: list[int], *, cancel: tuple[int, ...] = ()
+) -> tuple[list, list[list[int]]]:
+    """`first` alone starts a batch; `queued` arrive while it runs (those at the `cancel`
+    indices are then cancelled); then every batch is let through. Returns each request's result
+    or exception, in submission order, and the batches `run` saw."""
 
-    results, batches = asyncio.run(scenario())
+    async def scenario() -> tuple[list, list[list[int]]]:
+        run = GatedRun()
+        batcher = DynamicBatcher(run, max_batch_size=max_batch_size)
+        running = await _submit(batcher, [first])
+        await run.wait_started()  # a lone request starts at once, without waiting for company
+        rest = await _submit(batcher, queued)
+        for index in cancel:
+            rest[index].cancel()  # its client went away
+        run.release(1 + len(queued))  # at most one batch per request
+        return await asyncio.gather(*running, *rest, return_exceptions=True), run.batches
+
+    return asyncio.run(scenario())
+
+
+def test_requests_arriving_during_a_batch_form_the_next_one():
+    results, batches = _behind_a_running_batch(32, 1, [2, 3, 4, 5, 6])
     assert batches == [[1], [2, 3, 4, 5, 6]]
     assert results == [10, 20, 30, 40, 50, 60]
 
 
 def test_max_batch_size_splits_the_queue_in_arrival_order():
-    async def scenario() -> list[list[int]]:
-        run = GatedRun()
-        batcher = DynamicBatcher(run, max_batch_size=3)
-        first = await _submit(batcher, [0])
-        await run.wait_started()
-        rest = await _submit(batcher, list(range(1, 8)))
-        run.release(4)
-        await asyncio.gather(*first, *rest)
-        return run.batches
-
-    assert asyncio.run(scenario()) == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    results, batches = _behind_a_running_batch(3, 0, list(range(1, 8)))
+    assert batches == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert results == [10 * item for item in range(8)]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs():
-    async def scenario() -> tuple[list, list[list[int]]]:
-        run = GatedRun()
-        batcher = DynamicBatcher(run, max_batch_size=2)
-        first = await _submit(batcher, [0])
-        await run.wait_started()
-        rest = await _submit(batcher, [-1, 2, 3])
-        run.release(3)
-        return await asyncio.gather(*first, *rest, return_exceptions=True), run.batches
-
-    results, batches = asyncio.run(scenario())
+    results, batches = _behind_a_running_batch(2, 0, [-1, 2, 3])
     assert batches == [[0], [-1, 2], [3]]
     assert results[0] == 0 and results[3] == 30
     assert all(isinstance(r, ValueError) for r in results[1:3])
 
 
 def test_a_request_cancelled_while_queued_is_not_computed():
-    async def scenario() -> tuple[list, list[list[int]]]:
-        run = GatedRun()
-        batcher = DynamicBatcher(run, max_batch_size=8)
-        first = await _submit(batcher, [1])
-        await run.wait_started()
-        rest = await _submit(batcher, [2, 3, 4])
-        rest[1].cancel()  # its client went away
-        run.release(2)
-        return await asyncio.gather(*first, *rest, return_exceptions=True), run.batches
-
-    results, batches = asyncio.run(scenario())
+    results, batches = _behind_a_running_batch(8, 1, [2, 3, 4], cancel=(1,))
     assert batches == [[1], [2, 4]]
     assert results[0] == 10 and results[1] == 20 and results[3] == 40
     assert isinstance(results[2], asyncio.CancelledError)

@@ -132,7 +132,9 @@ def candidate_raw(splits: DatasetSplits, data_cfg: DataConfig, cpus: int, batch:
 
 def candidate_stream(splits: DatasetSplits, data_cfg: DataConfig, cpus: int, batch: int) -> int:
     config = DataConfig(**{**data_cfg.to_dict(), "stream_workers": cpus})
-    train, _, _ = make_stream_loaders(splits, config, TrainConfig(batch_size=batch))
+    train, _, _ = make_stream_loaders(
+        splits, config, TrainConfig(batch_size=batch), reuse_batches=True
+    )  # as the Ray Train worker streams
     return sum(labels.numel() for _, labels in train)
 
 

@@ -213,6 +213,25 @@ def test_the_stream_yields_the_test_split_and_splits_valid_exactly_between_ranks
     assert (valid_seen, test_seen) == (len(splits.valid), len(splits.test))
 
 
+def test_reused_batches_are_the_fresh_ones_when_consumed_one_at_a_time(tmp_path):
+    """What a Ray Train worker iterates (`reuse_batches=True`) is what a fresh loader gives, as
+    long as each batch is used before the next is asked for, as the training loop does."""
+    root = make_synthetic_dataset(tmp_path / "birds", num_classes=3, images_per_class=20)
+    splits = discover_dataset(root)
+    # No jitter: it draws from the global RNG, which the two loaders, interleaved, would share.
+    config = DataConfig(image_size=32, stream_workers=1, color_jitter=0.0)
+    train_cfg = TrainConfig(batch_size=4)
+    fresh = make_stream_loaders(splits, config, train_cfg)
+    reused = make_stream_loaders(splits, config, train_cfg, reuse_batches=True)
+    for fresh_loader, reused_loader in zip(fresh[:2], reused[:2], strict=True):
+        buffers = set()
+        pairs = zip(fresh_loader, reused_loader, strict=True)
+        for (images, labels), (reused_images, reused_labels) in pairs:
+            assert torch.equal(images, reused_images) and torch.equal(labels, reused_labels)
+            buffers.add(reused_images.data_ptr())
+        assert len(buffers) <= 2 < len(fresh_loader)  # full batches, and a last smaller one
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streamed_eval_batches_equal_the_cache_s_per_image_transform(tmp_path, workers):
     """Streamed batches are uint8 crops normalised as a batch where they are consumed; the

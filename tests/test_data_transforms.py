@@ -97,6 +97,22 @@ def test_jitter_equals_torchvision_brightness_contrast_saturation_when_nothing_c
         assert torch.allclose(out, reference, atol=1e-5)
 
 
+def test_a_reusing_normaliser_overwrites_one_buffer_with_the_same_values():
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=generator)]
+    batches += [batches[0].flip(0), batches[0][:3]]  # the last, smaller batch of an epoch
+    fresh = ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)
+    reusing = ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD, reuse_batch_output=True)
+    outputs = []
+    for batch in batches:
+        out = reusing(batch)
+        assert torch.equal(out, fresh(batch))
+        outputs.append(out)
+    assert outputs[0] is outputs[1] and outputs[2] is not outputs[0]
+    assert reusing(batches[0]) is outputs[0]  # a full batch again: the full batch's buffer
+    assert fresh(batches[0]) is not fresh(batches[0])
+
+
 def test_normalisation_refuses_float_input_and_other_shapes():
     with pytest.raises(TypeError, match="uint8"):
         ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.rand(1, 3, 8, 8))

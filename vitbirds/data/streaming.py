@@ -18,7 +18,9 @@ workers on 2 cores, before and after alternated four times: 288-372 -> 340-453 i
 `jobs/bench_data.py` (streamed, normalised images/s over a process pool's per-image decode +
 augment + normalise rate, same 2 cores): 0.64 with float crops; with uint8 ones 0.70-0.80, and
 0.85 and 0.76 with the single resampling (the pool pays no hand-off: shared-memory batches, a
-third process on two cores).
+third process on two cores). The consumer normalising into one reused float buffer
+(`reuse_batches`, what Ray Train workers use) took it to 0.93 and 0.95 in two runs on a faster
+2-core VM, where the same bench without it gave 0.85.
 
 Why this and not Ray Data (file list -> `map_batches` decode + augment -> `get_dataset_shard` +
 `iter_torch_batches`): `jobs/bench_data.py` measures both on the same files and cores. On the
@@ -217,16 +219,22 @@ def make_stream_loaders(
     device: torch.device | str = "cpu",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    reuse_batches: bool = False,
 ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None]:
     """(train, valid, test) streaming loaders of this rank's shard; test None without a test split.
 
     Train: shuffled (a DistributedSampler when `world` > 1, as Ray's `prepare_data_loader` would
     add); valid and test: every world-th image from `rank`, no padding. `cpus`: this worker's
     cores (default: the machine's), which size the decoding pool when the config leaves it open.
-    Batches arrive on `device`, normalised there.
+    Batches arrive on `device`, normalised there. `reuse_batches`: each loader normalises every
+    batch into the tensor it returned last (`ToNormalizedFloat`), for a consumer that is done
+    with one batch before it asks for the next, as a training loop is; not for `list(loader)`.
     """
     decode_size = round(data_cfg.image_size * data_cfg.decode_scale)
-    eval_tf = eval_transform(data_cfg.image_size, mean, std, resize_scale=data_cfg.decode_scale)
+    reuse = {"reuse_batch_output": reuse_batches}
+    eval_tf = eval_transform(
+        data_cfg.image_size, mean, std, resize_scale=data_cfg.decode_scale, **reuse
+    )
     workers = data_cfg.stream_workers
     if workers is None:  # the Ray adapter passes the Train worker's own CPU count
         workers = max(1, (cpus or os.cpu_count() or 1) - 1)
@@ -263,7 +271,7 @@ def make_stream_loaders(
         )
 
     return (
-        loader(splits.train, train_transform(data_cfg, mean, std), train=True),
+        loader(splits.train, train_transform(data_cfg, mean, std, **reuse), train=True),
         loader(splits.valid, eval_tf, train=False),
         loader(splits.test, eval_tf, train=False) if splits.test else None,
     )

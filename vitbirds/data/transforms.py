@@ -57,8 +57,10 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     *,
     resize_scale: float = EVAL_RESIZE_SCALE,
+    reuse_batch_output: bool = False,
 ) -> SplitTransform:
-    """Resize the short side, centre-crop `image_size`, normalise: the same output every call."""
+    """Resize the short side, centre-crop `image_size`, normalise: the same output every call.
+    `reuse_batch_output`: see `ToNormalizedFloat`."""
     resize_and_crop = v2.Compose(
         [
             v2.ToImage(),
@@ -66,15 +68,19 @@ def eval_transform(
             v2.CenterCrop(image_size),
         ]
     )
-    return SplitTransform(resize_and_crop, ToNormalizedFloat(mean, std))
+    normalise = ToNormalizedFloat(mean, std, reuse_batch_output=reuse_batch_output)
+    return SplitTransform(resize_and_crop, normalise)
 
 
 def train_transform(
     config: DataConfig,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    reuse_batch_output: bool = False,
 ) -> SplitTransform:
-    """Random resized crop and flip, then the options `config` enables, then normalisation."""
+    """Random resized crop and flip, then the options `config` enables, then normalisation.
+    `reuse_batch_output`: see `ToNormalizedFloat`."""
     augment: list[v2.Transform] = [
         v2.ToImage(),
         v2.RandomResizedCrop(config.image_size, scale=CROP_SCALE, antialias=True),
@@ -84,7 +90,11 @@ def train_transform(
         augment.append(v2.RandAugment())
     if config.trivialaugment:
         augment.append(v2.TrivialAugmentWide())
-    finish: list[Transform] = [ToNormalizedFloat(mean, std, jitter=config.color_jitter)]
+    finish: list[Transform] = [
+        ToNormalizedFloat(
+            mean, std, jitter=config.color_jitter, reuse_batch_output=reuse_batch_output
+        )
+    ]
     if config.random_erasing > 0:
         finish.append(EraseEach(config.random_erasing))
     return SplitTransform(v2.Compose(augment), v2.Compose(finish))
@@ -104,14 +114,31 @@ class ToNormalizedFloat:
     (38 MB at 224 px) would be mapped and page-faulted afresh by every op (about 1.5x slower on
     CPU). On a GPU that is a handful of small kernels per image, without a host sync (not yet
     measured there: no GPU was available).
+
+    `reuse_batch_output`: every batch of a shape is written into the same tensor, which the
+    previous call returned. For a consumer that is done with a batch before it asks for the next
+    (a training or evaluation loop): a fresh 38-MB batch lies above glibc's 32-MB mmap threshold,
+    so each one is mapped anew and every page faulted in as it is written. On this project's
+    2-core machine, a batch of 64 224-px images: 0.31 ms per image fresh, 0.14 reused, with the
+    default jitter (0.26 and 0.09 without).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], *, jitter: float = 0.0) -> None:
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        jitter: float = 0.0,
+        reuse_batch_output: bool = False,
+    ) -> None:
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.jitter = jitter
+        self.reuse_batch_output = reuse_batch_output
         # Each channel's normalised image of [0, 1]: the clamp after jittering.
         self.bounds = [(-m / s, (1 - m) / s) for m, s in zip(self.mean, self.std, strict=True)]
+        # One per (shape, device): an epoch's last, smaller batch does not evict the full one.
+        self._outputs: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
@@ -130,7 +157,7 @@ class ToNormalizedFloat:
         gray_pull = torch.tensor(
             [[(1 - c) * b / 255.0 / s] for b, c, _ in factors for s in self.std], device=device
         ).view(size, 3, 1)
-        out = torch.empty(images.shape, device=device)
+        out = self._batch_output(images.shape, device)
         flat_out = out.view(size, 3, -1)
         for index in range(size):
             pixels = images[index].reshape(3, -1).float()
@@ -142,6 +169,14 @@ class ToNormalizedFloat:
                 for channel, (lowest, highest) in enumerate(self.bounds):
                     flat_out[index, channel].clamp_(lowest, highest)
         return out
+
+    def _batch_output(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if not self.reuse_batch_output:
+            return torch.empty(shape, device=device)
+        key = (tuple(shape), device)
+        if key not in self._outputs:
+            self._outputs[key] = torch.empty(shape, device=device)
+        return self._outputs[key]
 
     def _one(self, image: torch.Tensor) -> torch.Tensor:
         """One image [3, H, W], the way every model so far was trained and served (the batch path

@@ -65,7 +65,7 @@ def worker_data(
     if mode == "stream":
         train, valid, _ = make_stream_loaders(
             replace(splits, test=[]), data_cfg, train_cfg, rank=rank, world=world, cpus=cpus,
-            device=device,
+            device=device, reuse_batches=True,  # the training loop takes one batch at a time
         )  # fmt: skip
         return WorkerData(
             mode, _FirstBatchAnnouncer(train, rank), valid, len(train), train.set_epoch,

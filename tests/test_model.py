@@ -1,5 +1,6 @@
 """The ViT is the ViT: shapes, both attention paths, timm parity, presets and config errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -170,3 +171,25 @@ import jobs.bench_model
         text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("default_malloc", [False, True])
+def test_the_model_bench_runs_under_the_steady_allocator_unless_told_not_to(default_malloc):
+    """glibc reads its settings when a process starts, so the bench re-executes itself with them;
+    the report shows what the measuring process had."""
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable, "jobs/bench_model.py", "--presets", "vit-test", "--rounds", "2",
+        "--steps", "1", "--warmup", "0", *(["--default-malloc"] if default_malloc else []),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    malloc = json.loads(done.stdout.strip().splitlines()[-1])["results"]["malloc"]
+    if default_malloc:
+        assert set(malloc.values()) == {"glibc default"}
+    else:
+        assert malloc == {
+            "MALLOC_MMAP_THRESHOLD_": "33554432",
+            "MALLOC_TRIM_THRESHOLD_": "4294967296",
+        }

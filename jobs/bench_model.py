@@ -14,8 +14,8 @@ By default glibc gives freed heap memory back to the OS, and maps large blocks a
 that depends on how each process's heap happens to lie: one process page-faults 10,000 times per
 vit-cpu forward step, the next 37,000 (110 and 139 ms a step; none and 100 ms with the steady
 allocator), and whichever model's activations lie worse loses. Five default runs on a quiet 2-core
-VM gave vit-cpu forward ours/timm 0.92-1.11, each steady within its own rounds; three steady runs
-gave 0.996-1.000. The models compute the same either way; only the allocator's luck differed.
+VM gave vit-cpu forward ours/timm 0.92-1.11, each steady within its own rounds; six steady runs
+gave 0.996-1.006. The models compute the same either way; only the allocator's luck differed.
 
 Why the ratio once sat at 0.83-0.86 for vit-cpu training: our DropPath divided the [B, N, dim]
 activations by the keep rate after masking them, one full-size op more than timm (which rescales

@@ -13,7 +13,7 @@ The bench runs under a steady glibc allocator (`STEADY_MALLOC`, unless `--defaul
 By default glibc gives freed heap memory back to the OS, and maps large blocks afresh, in a way
 that depends on how each process's heap happens to lie: one process page-faults 10,000 times per
 vit-cpu forward step, the next 37,000 (110 and 139 ms a step; none and 100 ms with the steady
-allocator), and whichever model's activations lie worse loses. Five default runs on a quiet 2-core
+allocator), and whichever model's activations lie worse loses. Five default runs on an idle 2-core
 VM gave vit-cpu forward ours/timm 0.92-1.11, each steady within its own rounds; six steady runs
 gave 0.996-1.006. The models compute the same either way; only the allocator's luck differed.
 

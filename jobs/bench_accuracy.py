@@ -38,7 +38,9 @@ from vitbirds.errors import ConfigError
 from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import ModelMetadata, read_metadata, save_model
 from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.precision import PRECISIONS, Precision, resolve_precision
 from vitbirds.presets import Recipe, get_recipe
+from vitbirds.settings import RunSettings
 from vitbirds.training.loop import TrainingRun, fit, seed_everything
 from vitbirds.training.runner import load_teacher
 
@@ -78,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=repo_root() / "runs" / "quality")
     parser.add_argument("--name", default="bench", help="results file and model folder name")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision",
+        default=RunSettings.precision,
+        choices=PRECISIONS,
+        help=f"compute precision of both models (default: {RunSettings.precision}: bf16 where "
+        "the device runs it natively, else fp32)",
+    )
     return parser.parse_args(argv)
 
 
@@ -106,6 +115,7 @@ def train_one(
     out_dir: Path,
     *,
     device: torch.device,
+    precision: Precision,
     teacher: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Trains one classifier through the shared pipeline, saves its model dir, returns metrics."""
@@ -120,6 +130,7 @@ def train_one(
         device=device,
         mixer=batch_mixer(recipe.data, recipe.model.num_classes),
         teacher=teacher,
+        precision=precision,
     )
 
     def progress(metrics: dict[str, float]) -> None:
@@ -143,6 +154,7 @@ def train_one(
         "epochs": recipe.train.epochs,
         "parameters": sum(p.numel() for p in model.parameters()),
         "distilled": teacher is not None,
+        "precision": precision.name,
         "recipe": {
             "model": recipe.model.to_dict(),
             "data": recipe.data.to_dict(),
@@ -167,6 +179,7 @@ def train_one(
             "fingerprint": splits.fingerprint(),
             "synthetic": splits.synthetic,
         },
+        extra={"precision": precision.to_dict()},
     )
     save_model(out_dir / label, run.evaluation_model(), metadata)
     return result
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no dataset: pass --data-dir or set VITBIRDS_DATA")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
+    print(f"{device.type}: {precision.describe()}", file=sys.stderr, flush=True)
     recipe = apply_overrides(get_recipe(args.recipe), args.overrides)
     image_size = args.image_size or recipe.model.image_size
     recipe.model.image_size = recipe.data.image_size = image_size
@@ -198,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": image_size,
         "recipe": args.recipe,
         "overrides": args.overrides,
+        "precision": precision.to_dict(),
     }
 
     def save() -> None:
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline.model.image_size = baseline.data.image_size = image_size
         baseline.data.num_classes = args.num_classes
         results["resnet18"] = train_one(
-            "resnet18", "resnet18", baseline, splits, out_dir, device=device
+            "resnet18", "resnet18", baseline, splits, out_dir, device=device, precision=precision
         )
         teacher_dir = teacher_dir or out_dir / "resnet18"
         save()
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = load_teacher(str(teacher_dir), splits.classes, device)
             results["teacher"] = str(teacher_dir)
         results["vit"] = train_one("vit", "vit", recipe, splits, out_dir, device=device,
-                                   teacher=teacher)  # fmt: skip
+                                   precision=precision, teacher=teacher)  # fmt: skip
         save()
 
     if "resnet18" not in results and teacher_dir is not None:

@@ -25,9 +25,11 @@ Targets (at concurrency 32): Serve >= 0.6x limit and >= 1.5x naive, or, with a m
 dominates (vit-s16), >= 0.8x limit and >= 1.0x naive; /explain p50 <= 2x /predict p50; a normal
 photo answered within 2 s (p95) while the slow senders are connected.
 
-The Classifier's torch threads are recorded from inside the replica (/healthz): Ray sets a
-replica's OMP_NUM_THREADS to its num_cpus rounded down, so `--classifier-threads 1` reproduces
-the configuration that ran vit-s16 at the one-thread rate.
+`--precision` (default auto: bf16 on a CPU with AMX-BF16 or AVX512-BF16) applies to the
+Classifier replicas, the naive servers and the limit alike, so every ratio compares like with
+like. The Classifier's torch threads and precision are recorded from inside the replica
+(/healthz): Ray sets a replica's OMP_NUM_THREADS to its num_cpus rounded down, so
+`--classifier-threads 1` reproduces the configuration that ran vit-s16 at the one-thread rate.
 
     python jobs/bench_serve.py [--preset vit-cpu] [--seconds 10] [--concurrency 1 8 32]
                                [--serve-modes haproxy proxy] [--classifier-threads N]
@@ -72,6 +74,7 @@ from serve.testing import (
 )
 from vitbirds.model.files import load_model
 from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.precision import PRECISIONS, Precision, resolve_precision
 
 CONFIG = repo_root() / "serve" / "config.yaml"
 # (serve / limit, serve / naive) at the top concurrency: a model that dominates leaves Serve's
@@ -92,13 +95,18 @@ def load_photos(valid_dir: Path, count: int) -> list[bytes]:
 
 
 def limit_images_per_second(
-    model_dir: Path, photos: list[bytes], batch: int, seconds: float, threads: int
+    model_dir: Path,
+    photos: list[bytes],
+    batch: int,
+    seconds: float,
+    threads: int,
+    precision: Precision,
 ) -> float:
     """Decode + transform + batched forward, back to back, for `seconds`, on `threads` threads."""
     torch.set_num_threads(threads)
     loaded = load_model(model_dir)
     preprocessor = ImagePreprocessor(loaded.metadata)
-    predictor = BatchPredictor(loaded)
+    predictor = BatchPredictor(loaded, "cpu", precision)
     predictor([preprocessor.model_input(p) for p in photos[:batch]])  # warm-up
     done, started, index = 0, time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
@@ -111,14 +119,14 @@ def limit_images_per_second(
 NAIVE_STYLES = ("threadpool", "async")
 
 
-def naive_server(model_dir: str, port: int, style: str) -> None:
+def naive_server(model_dir: str, port: int, style: str, precision: Precision) -> None:
     """The baseline: a FastAPI endpoint calling the model once per request, in one process."""
     import uvicorn
     from fastapi import FastAPI, UploadFile
 
     loaded = load_model(model_dir)
     preprocessor = ImagePreprocessor(loaded.metadata)
-    predictor = BatchPredictor(loaded)
+    predictor = BatchPredictor(loaded, "cpu", precision)
     api = FastAPI()
 
     def predict_bytes(data: bytes) -> dict[str, Any]:
@@ -266,11 +274,6 @@ async def _with_slow_senders(
     }
 
 
-def classifier_threads(url: str) -> int:
-    """torch.get_num_threads() inside a Classifier replica, as /healthz reports it."""
-    return requests.get(url + "/healthz", timeout=30).json()["classifier"]["torch_threads"]
-
-
 def wait_until_up(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -303,7 +306,7 @@ def deployment_options(classifier_replicas: int | None) -> dict[str, dict[str, A
 def bench_naive(args, model_dir: Path, photos: list[bytes], style: str) -> dict[str, dict]:
     port = free_port()
     command = [sys.executable, __file__, "--naive-server", str(model_dir), "--port", str(port)]
-    command += ["--naive-style", style]
+    command += ["--naive-style", style, "--precision", args.precision]
     server = subprocess.Popen(command)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/docs")
@@ -336,6 +339,7 @@ def bench_serve(args, model_dir: Path, work: Path, mode: str) -> dict[str, Any]:
         "--concurrency", *map(str, args.concurrency), "--photos", str(args.photos),
         "--slow-senders", str(args.slow_senders),
         "--slow-sender-requests", str(args.slow_sender_requests),
+        "--precision", args.precision,
     ]  # fmt: skip
     for flag, value in (
         ("--classifier-replicas", args.classifier_replicas),
@@ -356,13 +360,18 @@ def serve_child(args, photos: list[bytes]) -> None:
         model_dir=str(model_dir),
         prediction_log=str(work / f"predictions-{args.serve_child}.jsonl"),
         torch_threads=args.classifier_threads,
+        precision=args.precision,
     )
     # A small object store: only small tensors travel, and a big one is slow to set up.
     ray.init(object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         url = start_app(settings, deployment_options(args.classifier_replicas), port=port)
-        results: dict[str, Any] = {"classifier_torch_threads": classifier_threads(url)}
+        health = requests.get(url + "/healthz", timeout=30).json()["classifier"]
+        results: dict[str, Any] = {
+            "classifier_torch_threads": health["torch_threads"],
+            "classifier_precision": health["precision"],
+        }
         results |= {
             f"c{c}": (measure_with_cpu if c == max(args.concurrency) else measure)(
                 url + "/predict", photos, c, args.seconds, args.warmup
@@ -411,6 +420,13 @@ def main() -> None:
         default=list(SERVE_MODES),
         help="Serve set-ups to measure; the first is scored against the targets",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=ServeSettings.precision,
+        help="of the Classifier replicas, the naive servers and the limit alike "
+        f"(default: {ServeSettings.precision})",
+    )
     parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--serve-child", choices=list(SERVE_MODES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -418,8 +434,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--naive-style", choices=NAIVE_STYLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    precision = resolve_precision(args.precision, "cpu")
     if args.naive_server:
-        naive_server(args.naive_server, args.port, args.naive_style)
+        naive_server(args.naive_server, args.port, args.naive_style, precision)
         return
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1: /explain is compared at concurrency 1")
@@ -438,7 +455,9 @@ def main() -> None:
         model_dir = make_model_dir(work / "model", photo_classes(valid), preset=args.preset)
         # The best of one thread and every core: more threads lose on a busy machine.
         limits = {
-            threads: limit_images_per_second(model_dir, photos, args.batch, args.seconds, threads)
+            threads: limit_images_per_second(
+                model_dir, photos, args.batch, args.seconds, threads, precision
+            )
             for threads in sorted({1, os.cpu_count() or 1})
         }
         limit = max(limits.values())
@@ -454,6 +473,7 @@ def main() -> None:
     predict_p50 = served[scored_mode]["c1"]["p50_ms"]
     results = {
         "preset": args.preset,
+        "precision": precision.describe(),
         "photos": len(photos),
         "seconds": args.seconds,
         # Other work on the machine skews every number: its load, before and after.

@@ -33,6 +33,7 @@ from vitbirds.errors import DataError, VitbirdsError
 from vitbirds.evaluation.evaluate import EvaluationConfig, attention_check
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.paths import output_note, output_path
+from vitbirds.precision import resolve_precision
 from vitbirds.settings import RunSettings, add_arguments
 from vitbirds.training.export import evaluate_and_report
 from vitbirds.training.runner import data_label
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser, RunSettings, ["tracker", "storage_path"], defaults={"tracker": "none"},
         notes={"storage_path": "here: where the local MLflow store is"},
     )  # fmt: skip
+    add_arguments(parser, RunSettings, ["precision"])
     add(
         "--attention-check",
         action="store_true",
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     try:
         device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        print(f"{device.type}: {precision.describe()}", flush=True)
         model_dir = output_path(args.model)
         loaded = load_model(model_dir, device=device)
         splits, samples, label = load_split(args, loaded)
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result, paths = evaluate_and_report(
                 loaded, samples, splits.classes, out_dir=out, split=args.split, data_label=label,
-                data_synthetic=splits.synthetic, device=device, config=config, tracker=tracker,
+                data_synthetic=splits.synthetic, device=device, precision=precision,
+                config=config, tracker=tracker,
             )  # fmt: skip
             if check is not None:
                 paths["attention_check"] = out / ATTENTION_FILE

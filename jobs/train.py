@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
     add_arguments(train, TrainSettings, ["init_from", "teacher"])
     ray_group = parser.add_argument_group("Ray")
-    add_arguments(ray_group, TrainSettings, ["num_workers", "device"])
+    add_arguments(ray_group, TrainSettings, ["num_workers", "device", "precision"])
     ray_group.add_argument("--use-gpu", action="store_true", help="same as --device cuda")
     add_arguments(
         ray_group, TrainSettings, ["cpus_per_worker"], defaults={"cpus_per_worker": None},
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=output_path(args.storage_path),
             num_workers=args.num_workers,
             device=recipe.train.device,
+            precision=args.precision,
             cpus_per_worker=args.cpus_per_worker
             or ray_train.default_cpus_per_worker(args.num_workers, local=local),
             max_failures=args.max_failures,

@@ -77,7 +77,7 @@ SEARCH_SETTINGS = ["search", "num_samples", "grace_period", "reduction_factor", 
 SETTINGS = (
     "name", "preset", "data_dir", "num_classes", "images_per_class", "cache_dir", "epochs",
     "batch_size", "seed", *SEARCH_SETTINGS, "num_workers", "cpus_per_worker", "device",
-    "storage_path", "tracker",
+    "precision", "storage_path", "tracker",
 )  # fmt: skip
 
 
@@ -103,7 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search = parser.add_argument_group("search")
     add_arguments(search, SweepConfig, SEARCH_SETTINGS, unset=True)
     ray_group = parser.add_argument_group("Ray (per trial)")
-    add_arguments(ray_group, SweepConfig, ["num_workers", "cpus_per_worker", "device"], unset=True)
+    add_arguments(
+        ray_group, SweepConfig, ["num_workers", "cpus_per_worker", "device", "precision"],
+        unset=True,
+    )  # fmt: skip
     ray_group.add_argument("--use-gpu", action="store_true", help="same as --device cuda")
     out = parser.add_argument_group("outputs")
     add_arguments(out, SweepConfig, ["storage_path", "tracker"], unset=True,
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=ray_tune.train_storage(sweep),
             num_workers=sweep.num_workers,
             device=sweep.device,
+            precision=sweep.precision,
             cpus_per_worker=sweep.cpus_per_worker,
             tracker="none",  # the sweep records every trial in its own tracker run
             evaluate=False,

@@ -92,6 +92,7 @@ from vitbirds.monitoring.predictions import (
     parse_time,
 )
 from vitbirds.monitoring.request_index import RequestIndex
+from vitbirds.precision import resolve_precision
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -308,17 +309,21 @@ class Classifier:
     def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
         threads = set_torch_threads(settings.torch_threads)
         device = resolve_device(settings.device)
+        precision = resolve_precision(settings.precision, device)
         loaded = load_model(materialize(version), device)
-        self.predictor = BatchPredictor(loaded, device)
-        self.batch_stats = BatchStats(model_sha256=version.sha256, torch_threads=threads)
+        self.predictor = BatchPredictor(loaded, device, precision)
+        self.batch_stats = BatchStats(
+            model_sha256=version.sha256, torch_threads=threads, precision=precision.name
+        )
         self.batcher = DynamicBatcher(self.predictor, max_batch_size=32, on_batch=self._observe)
         logger.info(
-            "Classifier: %s %s (sha256 %s) on %s, %d torch threads",
+            "Classifier: %s %s (sha256 %s) on %s, %d torch threads, %s",
             loaded.metadata.name,
             loaded.metadata.version,
             version.short,
             device,
             threads,
+            precision.describe(),
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -346,13 +351,19 @@ class AttentionExplainer:
     def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
         set_torch_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
+        self.precision = resolve_precision(settings.precision, self.device)
         self.loaded = load_model(materialize(version), self.device)
         self.normalise = model_normaliser(self.loaded.metadata)
 
     async def explain(self, image: torch.Tensor, display: Any) -> bytes:
         """`image`: the Ingress's uint8 crop (`ImagePreprocessor.model_input`)."""
         return await asyncio.to_thread(
-            render_explanation, self.loaded, self.normalise(image), display, self.device
+            render_explanation,
+            self.loaded,
+            self.normalise(image.to(self.device)),
+            display,
+            self.device,
+            self.precision,
         )
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from vitbirds.data.images import DEFAULT_MAX_PIXELS
 from vitbirds.errors import ConfigError
 from vitbirds.monitoring.assess import parse_window
+from vitbirds.precision import DEFAULT_PRECISION, check_precision
 
 MODEL_DIR_ENV = "VITBIRDS_MODEL_DIR"
 # When set (e.g. from a Kubernetes Secret), POST /feedback needs "Authorization: Bearer <token>".
@@ -39,6 +40,9 @@ class ServeSettings:
     decode_wait_s: float = 1.0  # for a free decoder; past it 503 decoders_busy
     default_top_k: int = 5
     device: str = "auto"  # the deployments' torch device: auto | cpu | cuda | mps
+    # The model replicas' compute precision (vitbirds/precision.py): auto is bf16 where the
+    # device runs it natively, else fp32. Probabilities are fp32 softmaxes either way.
+    precision: str = DEFAULT_PRECISION
     # Torch threads per model replica. None: the replica's CPU allotment (ray_actor_options
     # num_cpus) rounded up; Ray itself would round it down (to 1 thread for num_cpus 1.5).
     torch_threads: int | None = None
@@ -77,6 +81,7 @@ class ServeSettings:
         if self.drift_interval_s < 0:
             raise ConfigError(f"drift_interval_s must be >= 0, got {self.drift_interval_s}")
         parse_window(self.drift_window)  # ConfigError naming the bad value
+        check_precision(self.precision)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
@@ -135,6 +140,7 @@ class BatchStats(BaseModel):
     batch_sizes: dict[int, int] = Field(default_factory=dict, description="size -> count")
     model_sha256: str = Field("", description="Content digest of the model this replica serves")
     torch_threads: int = Field(0, description="torch.get_num_threads() in this replica")
+    precision: str = Field("fp32", description="What this replica's forward passes compute in")
 
     def record(self, size: int) -> None:
         self.requests += size

@@ -11,6 +11,7 @@ import torch
 from browser import chromium, open_page, requires_browser, screenshot, wait_for_bars
 from ray import serve
 from selenium.webdriver.common.by import By
+from test_serve import SERVED_PRECISION
 
 from serve.inference import ImagePreprocessor, model_normaliser
 from serve.schemas import ServeSettings
@@ -41,10 +42,11 @@ def url(ray_session, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _offline_top5(loaded: LoadedModel, data: bytes) -> list[str]:
+    """The top-5 labels the Classifier computes, at the precision it runs at."""
     crop = ImagePreprocessor(loaded.metadata).model_input(data)
     image = model_normaliser(loaded.metadata)(crop)
-    with torch.inference_mode():
-        probabilities = loaded.model(image[None]).softmax(dim=-1)[0]
+    with torch.inference_mode(), SERVED_PRECISION.autocast():
+        probabilities = loaded.model(image[None]).float().softmax(dim=-1)[0]
     return [loaded.metadata.class_names[i] for i in probabilities.topk(5).indices]
 
 

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import requests
 import yaml
-from test_serve import assert_matches_offline, offline_probabilities
+from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
 
 from serve.testing import (
     SERVE_MODES,
@@ -206,7 +206,10 @@ def _wait_until_healthy(base: str, server: subprocess.Popen, log: Path) -> None:
 def test_predictions_through_haproxy_equal_the_models_output(url, photo, offline):
     response = requests.post(url + "/predict", files={"file": ("bird.jpg", photo, "image/jpeg")})
     assert response.status_code == 200, response.text
-    assert_matches_offline(response.json()["predictions"], offline_probabilities(offline, photo))
+    expected = offline_probabilities(offline, photo, SERVED_PRECISION)
+    assert_matches_offline(
+        response.json()["predictions"], expected, atol=TOLERANCE[SERVED_PRECISION.name]
+    )
 
 
 def test_explain_and_bad_input_through_haproxy(url, photo):

@@ -9,7 +9,7 @@ import pytest
 import ray
 import requests
 from ray import serve
-from test_serve import assert_matches_offline, offline_probabilities
+from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
@@ -91,10 +91,12 @@ def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(deploy
 
     health = requests.get(url + "/healthz").json()
     assert health["classifier"]["model_sha256"] == deployed_digest
+    assert health["classifier"]["precision"] == SERVED_PRECISION.name
     model = requests.get(url + "/model").json()
     assert model["model_sha256"] == deployed_digest and model["classes"] == classes
     response = requests.post(url + "/predict", data=photo, headers={"content-type": "image/jpeg"})
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
-    assert_matches_offline(predictions, offline_probabilities(offline, photo))
+    expected = offline_probabilities(offline, photo, SERVED_PRECISION)
+    assert_matches_offline(predictions, expected, atol=TOLERANCE[SERVED_PRECISION.name])
     assert all(p["label"] == classes[p["index"]] for p in predictions)

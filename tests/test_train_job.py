@@ -12,6 +12,7 @@ from jobs import train as train_cli
 from vitbirds.errors import ConfigError
 from vitbirds.model.files import load_model, read_metadata
 from vitbirds.monitoring.reference import load_reference_profile
+from vitbirds.precision import resolve_precision
 from vitbirds.presets import get_recipe
 from vitbirds.ray_adapter.train import TrainJob, run_training
 from vitbirds.training.runner import build_run_model
@@ -91,6 +92,17 @@ def test_the_best_checkpoint_is_evaluated_on_the_test_split(cli_run) -> None:
         == (metrics["test_top1_accuracy"])
     )
     assert summary["wall_time_s"] > 0
+
+
+def test_the_model_records_the_precision_auto_chose_for_these_workers(cli_run) -> None:
+    """On this machine's CPU `auto` is bf16 where it has AMX-BF16 or AVX512-BF16, else fp32;
+    the choice and its reason are in the exported metadata and in the evaluation's metrics."""
+    expected = resolve_precision("auto", "cpu")
+    summary = cli_run["summary"]
+    recorded = read_metadata(summary["model_dir"]).extra["precision"]
+    assert recorded == {**expected.to_dict(), "requested": "auto"}
+    metrics = json.loads((Path(summary["report_path"]).parent / "metrics.json").read_text())
+    assert metrics["precision"] == expected.name
 
 
 def test_the_mlflow_store_under_the_storage_path_holds_the_run(cli_run) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from vitbirds.devices import DEVICES
 from vitbirds.errors import ConfigError
+from vitbirds.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from vitbirds.presets import PRESETS, get_recipe
 from vitbirds.training.registry import DEFAULT_MODEL_NAME
 from vitbirds.training.tracking import TRACKERS
@@ -39,6 +40,13 @@ class RunSettings:
         choices=DEVICES,
     )
     cpus_per_worker: int = setting(1, "CPUs (and torch threads) per worker")
+    precision: str = setting(
+        DEFAULT_PRECISION,
+        "compute precision of the forward passes: auto picks bf16 where the device runs it "
+        "natively (a CUDA GPU with bf16, an x86 CPU with AMX-BF16 or AVX512-BF16), else fp32; "
+        "weights, optimiser state, loss and metrics stay fp32",
+        choices=PRECISIONS,
+    )
     storage_path: str = setting(
         "runs",
         "checkpoints, Tune experiments and the local MLflow store: a folder or a gs:// URI",
@@ -60,6 +68,7 @@ class RunSettings:
             )
         if self.cpus_per_worker < 1:
             raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
+        check_precision(self.precision)
         if self.tracker not in TRACKERS:
             raise ConfigError(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from vitbirds.precision import fast_bf16
+
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -27,6 +29,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        info["native_bf16"], info["bf16_evidence"] = fast_bf16(device)
     return info
 
 

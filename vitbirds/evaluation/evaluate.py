@@ -49,6 +49,7 @@ from vitbirds.model.explain import (
     render_overlay,
 )
 from vitbirds.model.files import LoadedModel
+from vitbirds.precision import FP32, Precision
 from vitbirds.progress import default_progress
 from vitbirds.training.tracking import Tracker
 
@@ -107,6 +108,7 @@ class EvaluationResult:
     history: list[dict[str, float]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     no_overlays_reason: str | None = None  # set when the model cannot draw attention overlays
+    precision: str = "fp32"  # what the forward passes computed in
 
     @property
     def synthetic(self) -> bool:
@@ -125,6 +127,7 @@ class EvaluationResult:
                 "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
             },
             "timing": self.timing,
+            "precision": self.precision,
             "overlays": {"count": len(self.overlays), "unavailable": self.no_overlays_reason},
             "metrics": self.report.to_dict(),
         }
@@ -140,8 +143,10 @@ def evaluate_model(
     data_label: str = "",
     data_synthetic: bool = False,
     device: torch.device | str = "cpu",
+    precision: Precision = FP32,
 ) -> EvaluationResult:
-    """Run `loaded` over `samples` (labels index `class_names`, the dataset's classes).
+    """Run `loaded` over `samples` (labels index `class_names`, the dataset's classes), its
+    forward passes and attention overlays at `precision` (probabilities are fp32 softmaxes).
 
     Dataset classes are matched to the model's by name, so a dataset subset or another class
     order works; a class the model does not know is a DataError naming it.
@@ -171,7 +176,9 @@ def evaluate_model(
         with torch.inference_mode():
             batches = DataLoader(dataset, batch_size=config.batch_size)
             for images, _ in default_progress()(batches, desc=f"evaluate {split}"):
-                probs.append(model(images.to(device)).float().softmax(dim=-1).cpu())
+                with precision.autocast():
+                    logits = model(images.to(device))
+                probs.append(logits.float().softmax(dim=-1).cpu())
     inference_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -183,7 +190,9 @@ def evaluate_model(
     started = time.perf_counter()
     no_overlays = no_attention_reason(loaded)
     overlays = (
-        [] if no_overlays else _overlays(loaded, evaluated, labels, prob_array, config, device)
+        []
+        if no_overlays
+        else _overlays(loaded, evaluated, labels, prob_array, config, device, precision)
     )
     overlays_s = time.perf_counter() - started
     return EvaluationResult(
@@ -208,6 +217,7 @@ def evaluate_model(
             "images_per_s": len(evaluated) / (inference_s + metrics_s + overlays_s),
         },
         no_overlays_reason=no_overlays,
+        precision=precision.name,
     )
 
 
@@ -243,6 +253,7 @@ def _overlays(
     probs: np.ndarray,
     config: EvaluationConfig,
     device: torch.device | str,
+    precision: Precision,
 ) -> list[Overlay]:
     """Attention overlays of a seeded choice of images, right and wrong ones mixed."""
     if config.overlays <= 0:
@@ -271,6 +282,7 @@ def _overlays(
         method=config.attention_method,
         head_fusion=config.head_fusion,
         discard_ratio=config.discard_ratio,
+        precision=precision,
     )
     names = metadata.class_names
     return [
@@ -435,6 +447,7 @@ def _summary_section(result: EvaluationResult) -> str:
         ("Split", result.split),
         ("Images evaluated", len(result.samples)),
         ("Images skipped (undecodable)", len(result.skipped)),
+        ("Compute precision", result.precision),
         (
             "Throughput (images/s: decode, forward, metrics, overlays)",
             round(result.timing["images_per_s"], 1),

@@ -24,6 +24,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from vitbirds.precision import FP32, Precision
+
 HeadFusion = Literal["mean", "max", "min"]
 Method = Literal["rollout", "last_layer"]
 CAPTION_FONT_SIZE = 12
@@ -153,13 +155,16 @@ def attention_maps(
     method: Method = "rollout",
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
+    precision: Precision = FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities [B, C] and raw CLS -> patch maps [B, gh, gw] for a batch of model inputs.
 
     The model is used as it is; a LoadedModel's model is already in eval mode, and a model in
-    train mode would give maps perturbed by dropout.
+    train mode would give maps perturbed by dropout. Under bf16 only the forward pass autocasts:
+    the rollout multiplies fp32 copies of the attention weights.
     """
-    logits, attentions = model.forward_with_attention(images)
+    with precision.autocast():
+        logits, attentions = model.forward_with_attention(images)
     grid = model.grid_size
     prefix = model.num_prefix_tokens
     if method == "rollout":
@@ -186,6 +191,7 @@ def explain_image(
     method: Method = "rollout",
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
+    precision: Precision = FP32,
 ) -> Explanation:
     """Prediction and attention map of one preprocessed image [3, H, W] (on the model's device)."""
     probs, maps = attention_maps(
@@ -194,6 +200,7 @@ def explain_image(
         method=method,
         head_fusion=head_fusion,
         discard_ratio=discard_ratio,
+        precision=precision,
     )
     heatmap = normalize_map(upsample_map(maps, tuple(image_tensor.shape[-2:])))[0]
     return Explanation(probs=probs[0].cpu(), patch_map=maps[0].cpu(), heatmap=heatmap.cpu())

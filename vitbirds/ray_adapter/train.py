@@ -50,6 +50,7 @@ from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.model.files import ModelMetadata, load_model, read_metadata
 from vitbirds.paths import is_uri
+from vitbirds.precision import resolve_precision
 from vitbirds.presets import Recipe
 from vitbirds.progress import no_progress, set_default_progress
 from vitbirds.ray_adapter.data import worker_data
@@ -212,9 +213,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Rank 0 draws decoding and each epoch's batches on the driver (and in `ray job submit`).
     set_default_progress(_ray_bars if rank == 0 else no_progress)
     device = resolve_device("mps") if job.device == "mps" else ray.train.torch.get_device()
+    precision = resolve_precision(job.precision, device)
 
     # Ray Train routes a few of its INFO lines (one per report) through the root logger.
     logging.getLogger().setLevel(logging.WARNING)
+    if rank == 0:  # after the line above: before it, Ray Train echoed each print twice
+        print(f"workers on {device.type}: {precision.describe()}", flush=True)
     splits = prepare_dataset(job.recipe.data, job.cache_dir, announce=False)
     recipe = fit_recipe_to_data(job.recipe, splits)
     # Per-worker batch: --batch-size stays the global batch, so the LR recipe holds at any N.
@@ -237,8 +241,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         device=device,
         mixer=batch_mixer(recipe.data, recipe.model.num_classes),
         teacher=load_teacher(job.teacher, splits.classes, device) if job.teacher else None,
+        precision=precision,
     )
-    metadata = build_metadata(recipe, splits, name=job.run_name, teacher=job.teacher)
+    metadata = build_metadata(
+        recipe, splits, name=job.run_name, teacher=job.teacher, precision=precision
+    )
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             load_checkpoint(checkpoint_dir, run)
@@ -490,9 +497,10 @@ def _train_and_export(
         loaded = load_model(best_dir)
     metrics = {"best_epoch": int(best_metrics["epoch"])}
     metrics.update({k: float(best_metrics[k]) for k in ("val_loss", "val_top1", "val_top5")})
+    device = resolve_device("mps" if job.device == "mps" else "auto")
     exported = export_model(
         loaded, splits, target=f"{storage}/{job.run_name}", history=history, metrics=metrics,
-        evaluate=job.evaluate, device=resolve_device("mps" if job.device == "mps" else "auto"),
+        evaluate=job.evaluate, device=device, precision=resolve_precision(job.precision, device),
         tracker=tracker, export_dir=job.export_dir,
     )  # fmt: skip
     tracker.set_tags({"started_at_epoch": str(started_at)})

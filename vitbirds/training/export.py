@@ -36,6 +36,7 @@ from vitbirds.evaluation.evaluate import (
 from vitbirds.model.files import METADATA_FILE, LoadedModel, ModelMetadata, save_model
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 from vitbirds.paths import is_uri
+from vitbirds.precision import FP32, Precision
 from vitbirds.training.runner import data_label
 from vitbirds.training.tracking import NullTracker, Tracker
 
@@ -65,6 +66,7 @@ def export_model(
     metrics: dict[str, float],
     evaluate: bool = True,
     device: torch.device | str = "cpu",
+    precision: Precision = FP32,
     tracker: Tracker | None = None,
     export_dir: str | None = None,
 ) -> ExportedModel:
@@ -89,7 +91,8 @@ def export_model(
             result, _ = evaluate_and_report(
                 loaded, splits.split(evaluated_split), splits.classes, out_dir=eval_dir,
                 split=evaluated_split, data_label=data_label(splits),
-                data_synthetic=splits.synthetic, device=device, tracker=tracker,
+                data_synthetic=splits.synthetic, device=device, precision=precision,
+                tracker=tracker,
             )  # fmt: skip
             metrics.update(split_metrics(result))
         metadata.metrics = metrics
@@ -129,6 +132,7 @@ def evaluate_and_report(
     data_label: str,
     data_synthetic: bool,
     device: torch.device | str = "cpu",
+    precision: Precision = FP32,
     config: EvaluationConfig | None = None,
     tracker: Tracker | None = None,
 ) -> tuple[EvaluationResult, dict[str, Path]]:
@@ -137,7 +141,7 @@ def evaluate_and_report(
     tracker = tracker or NullTracker()
     result = evaluate_model(
         loaded, samples, class_names, config=config, split=split, data_label=data_label,
-        data_synthetic=data_synthetic, device=device,
+        data_synthetic=data_synthetic, device=device, precision=precision,
     )  # fmt: skip
     paths = write_report(result, out_dir)
     log_to_tracker(result, paths, tracker)

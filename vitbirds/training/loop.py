@@ -1,5 +1,6 @@
 """The one training loop: AdamW, warmup + cosine, grad clipping, label smoothing, mixup/cutmix,
-bf16 autocast on CUDA, optional EMA, torch.compile and distillation from a teacher.
+bf16 autocast where the device runs it fast (`vitbirds.precision`), optional EMA, torch.compile
+and distillation from a teacher.
 
 It knows nothing of Ray: a Ray Train worker wraps the model and loaders (DDP, distributed sampler)
 and passes an `on_epoch_end` callback that reports and checkpoints. Validation metrics are
@@ -25,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from vitbirds.config import TrainConfig
 from vitbirds.errors import ModelFileError
 from vitbirds.model.files import ModelMetadata, save_model, unwrap_model
+from vitbirds.precision import FP32, Precision
 from vitbirds.progress import ProgressFactory, default_progress
 
 STATE_TENSORS = "training_state.safetensors"
@@ -94,6 +96,8 @@ class TrainingRun:
     `teacher` (a frozen classifier over the same inputs, e.g. a ResNet-18 model directory) turns on
     DeiT distillation: loss = (CE(cls, labels) + distillation_loss(dist, teacher)) / 2, where
     `dist` is the distillation head of a ViT with `distill_token`, else the same logits.
+    `precision`: the forward passes' autocast (`vitbirds.precision`); the weights, the optimiser
+    state, the loss and the metrics stay fp32 at any precision.
     """
 
     def __init__(
@@ -105,12 +109,14 @@ class TrainingRun:
         device: torch.device,
         mixer: BatchMixer | None = None,
         teacher: nn.Module | None = None,
+        precision: Precision = FP32,
     ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.mixer = mixer
         self.teacher = teacher
+        self.precision = precision
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             if hasattr(unwrap_model(model), "distilled_training"):
@@ -138,11 +144,6 @@ class TrainingRun:
         )
         self.forward = torch.compile(model) if config.compile else model
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-        )
-
     def train_epoch(
         self, loader: Iterable[Batch], progress: ProgressFactory | None = None
     ) -> dict[str, float]:
@@ -164,7 +165,7 @@ class TrainingRun:
             targets = labels
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
-            with self._autocast():
+            with self.precision.autocast():
                 logits, loss = self._loss(images, targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,7 +225,7 @@ class TrainingRun:
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
+            with self.precision.autocast():
                 logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             k = min(5, logits.shape[1])

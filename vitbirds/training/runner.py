@@ -22,6 +22,7 @@ from vitbirds.errors import ConfigError
 from vitbirds.model.files import ModelMetadata, fetch_model_dir, load_model, read_metadata
 from vitbirds.model.pretrained import init_from_timm
 from vitbirds.model.vit import build_model
+from vitbirds.precision import FP32, Precision
 from vitbirds.presets import Recipe
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,15 @@ def data_label(splits: DatasetSplits) -> str:
 
 
 def build_metadata(
-    recipe: Recipe, splits: DatasetSplits, *, name: str, teacher: str | None = None
+    recipe: Recipe,
+    splits: DatasetSplits,
+    *,
+    name: str,
+    teacher: str | None = None,
+    precision: Precision = FP32,
 ) -> ModelMetadata:
-    """What the exported model directory records about itself besides the weights."""
+    """What the exported model directory records about itself besides the weights (`precision`:
+    what the training's forward passes computed in; the weights are fp32 either way)."""
     return ModelMetadata(
         model=recipe.model.to_dict(),
         class_names=list(splits.classes),
@@ -148,5 +155,6 @@ def build_metadata(
             "data_config": recipe.data.to_dict(),
             "train_config": recipe.train.to_dict(),
             "teacher": teacher,
+            "precision": precision.to_dict(),
         },
     )

@@ -293,6 +293,7 @@ def train_argv(sweep: SweepConfig, params: Mapping[str, Any] | None = None) -> l
         argv += [_param(name).flag, repr(_param(name).type(value))]
     argv += ["--num-workers", str(sweep.num_workers)]
     argv += ["--cpus-per-worker", str(sweep.cpus_per_worker), "--device", sweep.device]
+    argv += ["--precision", sweep.precision]
     return argv
 
 

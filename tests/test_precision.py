@@ -19,8 +19,9 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.errors import ConfigError
 from vitbirds.evaluation.agreement import precision_agreement
 from vitbirds.evaluation.evaluate import EvaluationConfig, evaluate_model
+from vitbirds.model import vit as vit_module
 from vitbirds.model.files import LoadedModel, load_model, save_model
-from vitbirds.model.vit import build_model
+from vitbirds.model.vit import Attention, build_model
 from vitbirds.precision import FP32, resolve_precision
 from vitbirds.presets import Recipe
 from vitbirds.settings import RunSettings
@@ -198,3 +199,30 @@ def test_evaluation_records_the_precision_it_ran_at(birds, trained_in_bf16):
     assert result.to_dict()["precision"] == "bf16"
     assert len(result.overlays) == 2
     assert result.probs.dtype.name == "float32"
+
+
+def test_bf16_training_on_a_cpu_runs_the_explicit_attention_to_the_fused_result(monkeypatch):
+    """PyTorch's fused bf16 attention backward is the slow one on a CPU; inference and fp32
+    keep the fused kernel. Both paths compute the same attention."""
+    torch.manual_seed(0)
+    attention = Attention(dim=48, heads=3, attn_dropout=0.0, dropout=0.0)
+    x = torch.randn(4, 17, 48)
+    with torch.no_grad(), BF16.autocast():
+        fused, _ = attention(x)
+    fused_calls = []
+    real_sdpa = vit_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        fused_calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention", counting_sdpa)
+    with BF16.autocast():
+        explicit, _ = attention(x)
+    explicit.float().sum().backward()
+
+    assert fused_calls == []
+    torch.testing.assert_close(explicit.float(), fused.float(), atol=2e-2, rtol=2e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in attention.parameters())
+    attention(x)[0].sum().backward()  # fp32 training: the fused kernel
+    assert fused_calls == [1]

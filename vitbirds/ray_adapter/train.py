@@ -217,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # Ray Train routes a few of its INFO lines (one per report) through the root logger.
     logging.getLogger().setLevel(logging.WARNING)
-    if rank == 0:  # after the line above: before it, Ray Train echoed each print twice
+    if rank == 0:  # printed after the line above: under an INFO root logger Ray Train echoes it
         print(f"workers on {device.type}: {precision.describe()}", flush=True)
     splits = prepare_dataset(job.recipe.data, job.cache_dir, announce=False)
     recipe = fit_recipe_to_data(job.recipe, splits)

@@ -147,11 +147,12 @@ class Attention(nn.Module):
 
 
 def _explicit_is_faster(q: torch.Tensor) -> bool:
-    """bf16 training on a CPU. There PyTorch's fused attention backward (flash, bf16) runs 2-5x
+    """bf16 training on a CPU. There PyTorch's fused attention backward (flash, bf16) runs 2-6x
     slower than the explicit product (bf16 matrix products on AMX, an fp32 softmax): on a 2-core
-    AMX Xeon, forward+backward of [64, 3, 65, 64] (vit-cpu) took 39 ms fused and 7.6 explicit,
-    [8, 6, 197, 64] (vit-s16) 18 and 9.7, and the fused backward was half of vit-cpu's bf16 train
-    step. Without gradients, at fp32, or on a GPU the fused kernel is as fast or faster."""
+    AMX Xeon (`jobs/bench_attention.py`), forward+backward of [64, 3, 65, 64] (vit-cpu) took
+    34-36 ms fused and 6.1-6.3 explicit, [8, 6, 197, 64] (vit-s16) 16-18 and 7.9-8.8, and the
+    fused backward was half of vit-cpu's bf16 train step. Without gradients, at fp32, or on a GPU
+    the fused kernel is as fast or faster."""
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
 
 

@@ -22,8 +22,10 @@ concurrency 1 beside /predict; then `--slow-senders` clients (140) connect and t
 bodies a byte a second while normal photos are sent one at a time, as issue 15's attacker did.
 The model is a `--preset` with random weights: speed does not depend on what the weights say.
 Targets (at concurrency 32): Serve >= 0.6x limit and >= 1.5x naive, or, with a model that
-dominates (vit-s16), >= 0.8x limit and >= 1.0x naive; /explain p50 <= 2x /predict p50; a normal
-photo answered within 2 s (p95) while the slow senders are connected.
+dominates (vit-s16), >= 0.8x limit and >= 1.0x naive; /explain p50 <= 2x /predict p50; a lone
+client's p50 <= 1.2x the faster naive server's; a normal photo answered within 2 s (p95) while
+the slow senders are connected. Each /predict answer's Server-Timing header splits the lone
+client's latency into its stages (`c1_where_the_time_goes_ms`).
 
 `--precision` (default auto: bf16 on a CPU with AMX-BF16 or AVX512-BF16) applies to the
 Classifier replicas, the naive servers and the limit alike, so every ratio compares like with
@@ -62,6 +64,7 @@ from ray import serve
 from jobs.benchlib.report import report, target
 from serve.inference import BatchPredictor, ImagePreprocessor, top_k
 from serve.schemas import ServeSettings
+from serve.server_timing import parse_server_timing
 from serve.testing import (
     SERVE_MODES,
     answer_status,
@@ -149,6 +152,7 @@ def naive_server(model_dir: str, port: int, style: str, precision: Precision) ->
 
 async def _load(url: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
+    timings: list[dict[str, float]] = []  # each answer's Server-Timing (Serve's only)
     failures: dict[int, int] = {}
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -163,8 +167,11 @@ async def _load(url: str, photos: list[bytes], concurrency: int, seconds: float)
                 async with session.post(url, data=form) as response:
                     await response.read()
                     status = response.status
+                    timing = parse_server_timing(response.headers.get("Server-Timing", ""))
                 if status == 200:
                     latencies.append(time.perf_counter() - started)
+                    if timing:
+                        timings.append(timing)
                 else:
                     failures[status] = failures.get(status, 0) + 1
                 index += concurrency
@@ -173,7 +180,7 @@ async def _load(url: str, photos: list[bytes], concurrency: int, seconds: float)
         deadline = started + seconds
         await asyncio.gather(*[worker(i, deadline) for i in range(concurrency)])
         elapsed = time.perf_counter() - started
-    return _summary(latencies, failures, elapsed)
+    return _summary(latencies, failures, elapsed) | _stage_medians(timings)
 
 
 def _summary(latencies: list[float], failures: dict[int, int], elapsed: float) -> dict:
@@ -188,6 +195,14 @@ def _summary(latencies: list[float], failures: dict[int, int], elapsed: float) -
         "ok": len(latencies),
         "failures": failures,
     }
+
+
+def _stage_medians(timings: list[dict[str, float]]) -> dict:
+    """The median of each Server-Timing stage, where the answers carried one."""
+    if not timings:
+        return {}
+    stages = {stage: [t[stage] for t in timings if stage in t] for stage in timings[0]}
+    return {"stage_p50_ms": {s: round(statistics.median(ms), 1) for s, ms in stages.items()}}
 
 
 def measure(url: str, photos: list[bytes], concurrency: int, seconds: float, warmup: float):
@@ -219,6 +234,19 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
         except psutil.Error:
             continue
     return seconds
+
+
+def _classifier_rss_mib() -> list[int]:
+    """Resident memory of each Classifier replica, after every measurement: what a replica at
+    this precision holds once it has run batches of every size the load produced."""
+    sizes = []
+    for process in psutil.process_iter():
+        try:
+            if _process_group(process) == "Classifier":
+                sizes.append(round(process.memory_info().rss / 2**20))
+        except psutil.Error:
+            continue
+    return sorted(sizes)
 
 
 def measure_with_cpu(
@@ -385,10 +413,34 @@ def serve_child(args, photos: list[bytes]) -> None:
                     url + "/predict", port, photos, args.slow_senders, args.slow_sender_requests
                 )
             )
+        results["classifier_rss_mib"] = _classifier_rss_mib()
         Path(args.result).write_text(json.dumps(results))
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def c1_breakdown(c1: dict[str, Any]) -> dict[str, float]:
+    """A lone client's median latency split by the stages' medians (Server-Timing): the forward
+    pass, the wait and hops inside the Classifier replica, the Ingress→Classifier call around
+    it, the Ingress's own stages, and what none of them saw (HTTP, HAProxy or the proxy)."""
+    stages = c1.get("stage_p50_ms", {})
+    if not stages:
+        return {}
+    ingress = sum(stages[s] for s in ("read", "decode", "classifier", "record"))
+    return {
+        "forward_batch": stages["classifier-batch"],
+        "in_classifier_replica_besides_batch": round(
+            stages["classifier-replica"] - stages["classifier-batch"], 1
+        ),
+        "ingress_to_classifier_call_besides_replica": round(
+            stages["classifier"] - stages["classifier-replica"], 1
+        ),
+        "ingress_read_decode_record": round(
+            stages["read"] + stages["decode"] + stages["record"], 1
+        ),
+        "outside_the_ingress": round(c1["p50_ms"] - ingress, 1),
+    }
 
 
 def main() -> None:
@@ -471,6 +523,7 @@ def main() -> None:
     serve_rps = served[scored_mode][top]["requests_per_s"]
     naive_rps = {style: max(naive[style][top]["requests_per_s"], 1e-9) for style in NAIVE_STYLES}
     predict_p50 = served[scored_mode]["c1"]["p50_ms"]
+    naive_c1_p50 = min(naive[style]["c1"]["p50_ms"] for style in NAIVE_STYLES)
     results = {
         "preset": args.preset,
         "precision": precision.describe(),
@@ -494,12 +547,15 @@ def main() -> None:
         "explain_p50_over_predict_p50": round(
             served[scored_mode]["explain_c1"]["p50_ms"] / predict_p50, 3
         ),
+        "c1_p50_over_naive_c1_p50": round(predict_p50 / naive_c1_p50, 3),
+        "c1_where_the_time_goes_ms": c1_breakdown(served[scored_mode]["c1"]),
     }
     over_limit, over_naive = TARGETS.get(args.preset, DEFAULT_TARGETS)
     targets = [
         target(f"serve {top} / limit", results[f"serve_{top}_over_limit"], over_limit),
         target(f"serve {top} / naive", results[f"serve_{top}_over_naive"], over_naive),
         target("explain p50 / predict p50", results["explain_p50_over_predict_p50"], 2.0, "<="),
+        target("c1 p50 / naive c1 p50", results["c1_p50_over_naive_c1_p50"], 1.2, "<="),
     ]
     if args.slow_senders:
         slow = served[scored_mode]["slow_senders"]

@@ -21,8 +21,10 @@ import hmac
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -68,6 +70,8 @@ from serve.schemas import (
     PredictResponse,
     ServeSettings,
 )
+from serve.server_timing import ServerTiming
+from serve.torch_thread import torch_thread
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.devices import resolve_device
@@ -278,15 +282,14 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return data
 
 
-def set_torch_threads(configured: int | None) -> int:
-    """Sets and returns this replica's torch threads: `configured`, else its CPU allotment rounded
-    up. Ray sets OMP_NUM_THREADS to the allotment rounded *down* (at least 1), which left a
-    Classifier with num_cpus 1 running a compute-bound model on one of the machine's cores."""
+def replica_torch_threads(configured: int | None) -> int:
+    """This replica's torch threads: `configured`, else its CPU allotment rounded up. Ray sets
+    OMP_NUM_THREADS to the allotment rounded *down* (at least 1), which left a Classifier with
+    num_cpus 1 running a compute-bound model on one of the machine's cores."""
     if configured is None:
         allotted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         configured = max(1, math.ceil(allotted))
-    torch.set_num_threads(configured)
-    return torch.get_num_threads()
+    return configured
 
 
 def _log_anchor(version: ModelVersion, local_dir: Path) -> Path:
@@ -307,15 +310,20 @@ class Classifier:
     while the previous one ran (serve/batching.py), up to `max_batch_size`."""
 
     def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
-        threads = set_torch_threads(settings.torch_threads)
+        self.torch_thread = torch_thread(
+            "classifier-model", replica_torch_threads(settings.torch_threads)
+        )
+        threads = self.torch_thread.submit(torch.get_num_threads).result()
         device = resolve_device(settings.device)
         precision = resolve_precision(settings.precision, device)
-        loaded = load_model(materialize(version), device)
+        loaded = self.torch_thread.submit(load_model, materialize(version), device).result()
         self.predictor = BatchPredictor(loaded, device, precision)
         self.batch_stats = BatchStats(
             model_sha256=version.sha256, torch_threads=threads, precision=precision.name
         )
-        self.batcher = DynamicBatcher(self.predictor, max_batch_size=32, on_batch=self._observe)
+        self.batcher = DynamicBatcher(
+            self.predictor, max_batch_size=32, on_batch=self._observe, executor=self.torch_thread
+        )
         logger.info(
             "Classifier: %s %s (sha256 %s) on %s, %d torch threads, %s",
             loaded.metadata.name,
@@ -334,7 +342,9 @@ class Classifier:
         self.batcher.max_batch_size = config.get("max_batch_size", 32)
 
     async def predict(self, image: torch.Tensor) -> ClassifierOutput:
-        return await self.batcher(image)
+        started = time.perf_counter()
+        output = await self.batcher(image)
+        return replace(output, replica_ms=1000 * (time.perf_counter() - started))
 
     def _observe(self, size: int) -> None:
         self.batch_stats.record(size)
@@ -349,22 +359,25 @@ class AttentionExplainer:
     """Runs the model with attention weights and draws the rollout over the photo."""
 
     def __init__(self, settings: ServeSettings, version: ModelVersion) -> None:
-        set_torch_threads(settings.torch_threads)
+        self.torch_thread = torch_thread(
+            "explainer-model", replica_torch_threads(settings.torch_threads)
+        )
         self.device = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
-        self.loaded = load_model(materialize(version), self.device)
+        self.loaded = self.torch_thread.submit(
+            load_model, materialize(version), self.device
+        ).result()
         self.normalise = model_normaliser(self.loaded.metadata)
 
     async def explain(self, image: torch.Tensor, display: Any) -> bytes:
         """`image`: the Ingress's uint8 crop (`ImagePreprocessor.model_input`)."""
-        return await asyncio.to_thread(
-            render_explanation,
-            self.loaded,
-            self.normalise(image.to(self.device)),
-            display,
-            self.device,
-            self.precision,
+        return await asyncio.get_running_loop().run_in_executor(
+            self.torch_thread, self._render, image, display
         )
+
+    def _render(self, image: torch.Tensor, display: Any) -> bytes:
+        model_input = self.normalise(image.to(self.device))
+        return render_explanation(self.loaded, model_input, display, self.device, self.precision)
 
 
 _UPLOAD_BODY = {
@@ -507,14 +520,25 @@ class Ingress:
         openapi_extra={"requestBody": _UPLOAD_BODY},
         summary="Top-k species for a photo (multipart field 'file', or the raw image body)",
     )
-    async def predict(self, request: Request, top_k: int | None = _TOP_K) -> Any:
+    async def predict(
+        self, request: Request, response: Response, top_k: int | None = _TOP_K
+    ) -> Any:
+        timing = ServerTiming()
         data = await read_upload(request, self.settings.max_body_bytes)
+        timing.mark("read")
         image = await self._decode(self.preprocessor.model_input, data)
+        timing.mark("decode")
         try:
             output = await self.classifier.predict.remote(image)
         except (BackPressureError, RayActorError) as exc:
             return _unavailable(exc)
-        return self._record(output, top_k, "predict")
+        timing.mark("classifier")
+        timing.add("classifier-replica", output.replica_ms)
+        timing.add("classifier-batch", output.batch_ms)
+        answer = self._record(output, top_k, "predict")
+        timing.mark("record")
+        response.headers["Server-Timing"] = timing.header()
+        return answer
 
     @api.post(
         "/explain",

@@ -13,6 +13,7 @@ arrived during the previous forward pass, and an idle replica starts a lone requ
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -20,8 +21,8 @@ Result = TypeVar("Result")
 
 
 class DynamicBatcher(Generic[Item, Result]):
-    """`await batcher(item)` -> `run([..., item, ...])[i]`, `run` called in a worker thread on at
-    most `max_batch_size` items at a time, one batch at a time.
+    """`await batcher(item)` -> `run([..., item, ...])[i]`, `run` called on `executor` (default:
+    the event loop's) on at most `max_batch_size` items at a time, one batch at a time.
 
     A request cancelled while queued (its client went away) is dropped before its batch runs.
     If `run` raises, every request of that batch gets the exception; later batches still run.
@@ -33,8 +34,10 @@ class DynamicBatcher(Generic[Item, Result]):
         max_batch_size: int,
         *,
         on_batch: Callable[[int], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.run = run
+        self.executor = executor
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch  # called with each batch's size, on the event loop
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
@@ -72,7 +75,10 @@ class DynamicBatcher(Generic[Item, Result]):
         if self.on_batch is not None:
             self.on_batch(len(batch))
         try:
-            results = await asyncio.to_thread(self.run, [item for item, _ in batch])
+            items = [item for item, _ in batch]
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.run, items
+            )
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
         except Exception as exc:  # the batch's requests fail; the replica keeps serving

@@ -2,8 +2,8 @@
 the seed of statistical tests, one local Ray for the whole session, and a record of every skip.
 
 Skips are written, with their reasons, to `$VITBIRDS_SKIP_REPORT` (JSON) when it is set:
-`.ci/run` reads it, prints how many tests skipped and why, and fails when any skipped for missing
-data or a missing browser (tests/skip_reasons.py)."""
+`.ci/run` reads it, prints how many tests skipped and why, and fails when any skipped except the
+tests marked `real_photos` (tests/skip_reasons.py)."""
 
 import json
 import os

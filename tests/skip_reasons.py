@@ -1,5 +1,5 @@
-"""How a skip says why, so that `.ci/run` can tell a skip for missing data or a missing browser
-(a failure there: CI would be green while testing little) from any other."""
+"""How a skip says why, in the report `.ci/run` prints. Only the tests marked `real_photos` may
+skip there (where ../shared/data is absent); any other skip fails the run."""
 
 MISSING_DATA = "missing data:"
 MISSING_BROWSER = "missing browser:"

@@ -10,9 +10,11 @@ is not: cluster/README.md lists what remains unverified.
 
 import copy
 import fnmatch
+import gzip
 import importlib.util
 import ipaddress
 import itertools
+import json
 import re
 import shlex
 import shutil
@@ -22,13 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
-from vitbirds.paths import repo_root, shared_schemas_dir
+from vitbirds.paths import repo_root
 
 REPO = repo_root()
 CLUSTER = REPO / "cluster"
+KUBERAY_SCHEMAS = CLUSTER / "crds" / "kuberay-v1.7.schemas.json.gz"
 APP_DIR = "/home/ray/app"  # where the Dockerfile puts the checkout
 MOUNT = "/mnt/vitbirds"  # where every Ray pod sees the bucket
 KUBERNETES_VERSION = "1.33.0"  # GKE's regular channel when this was written
@@ -45,8 +49,6 @@ CORE_KINDS = {
 SHARED_TOKEN = "vitbirds-ray-token"  # the dev and training clusters'
 SERVE_ACCOUNT = "vitbirds-serve"
 HAPROXY_PORTS = {8404, 9101}  # Serve's HAProxy: stats page, Prometheus exporter
-
-_yaml_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _load_renderer():
@@ -152,18 +154,11 @@ def _closed(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def crd_validators():
-    """KubeRay v1.7's `ray.io/v1` schemas from ../shared/schemas/kuberay, one per kind."""
-    jsonschema = pytest.importorskip("jsonschema")
-    root = shared_schemas_dir()
-    if root is None or not (root / "kuberay").is_dir():
-        pytest.skip("KubeRay CRDs not found: place them in ../shared/schemas/kuberay")
-    validators = {}
-    for path in sorted((root / "kuberay").glob("ray.io_*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=_yaml_loader)
-        for version in crd["spec"]["versions"]:
-            if version["name"] == "v1":
-                schema = _closed(version["schema"]["openAPIV3Schema"])
-                validators[crd["spec"]["names"]["kind"]] = jsonschema.Draft4Validator(schema)
+    """KubeRay v1.7's `ray.io/v1` schemas, vendored in cluster/crds, one per kind."""
+    validators = {
+        kind: jsonschema.Draft4Validator(_closed(schema))
+        for kind, schema in json.loads(gzip.decompress(KUBERAY_SCHEMAS.read_bytes())).items()
+    }
     assert set(validators) >= KUBERAY_KINDS, f"missing: {KUBERAY_KINDS - set(validators)}"
     return validators
 

@@ -5,9 +5,11 @@ import os
 import random
 import signal
 import struct
+import subprocess
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +314,31 @@ def test_a_file_finding_every_decoder_busy_is_refused_after_the_wait():
         assert pool.decode(small).size == (8, 8)
     finally:
         pool.close()
+
+
+def _environment_of(pid: int) -> str:
+    """A process's environment as text: /proc on Linux, `ps eww` elsewhere (macOS)."""
+    proc = Path(f"/proc/{pid}/environ")
+    if proc.exists():
+        return proc.read_bytes().decode(errors="replace")
+    command = ["ps", "eww", "-o", "command=", "-p", str(pid)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_decode_worker_sees_none_of_its_parent_s_secrets(monkeypatch):
+    secrets = {
+        "VITBIRDS_WRITE_TOKEN": "planted-write-token",
+        "RAY_AUTH_TOKEN": "planted-ray-token",
+        "AWS_SECRET_ACCESS_KEY": "planted-cloud-key",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    pool = DecodePool(SandboxConfig(workers=1))
+    try:
+        assert pool.decode(_encode(Image.new("RGB", (8, 8)))).size == (8, 8)  # it works
+        environment = _environment_of(pool._idle.queue[0].process.pid)
+    finally:
+        pool.close()
+    assert "OMP_NUM_THREADS=1" in environment
+    for name, value in secrets.items():
+        assert name not in environment and value not in environment

@@ -334,6 +334,21 @@ def test_serves_live_gauges_are_the_jobs_numbers_for_the_same_window(
     assert latest["gauges"] == pytest.approx(job["gauges"])
 
 
+def test_live_gauges_read_at_most_their_byte_budget_and_say_so(subject, noise, tmp_path) -> None:
+    log = tmp_path / "predictions.jsonl"
+    version = load_model(subject.model_dir).metadata.version
+    write_log(log, noise, version, datetime.now(UTC) - timedelta(minutes=50), subject.classes,
+              every=timedelta(seconds=30))  # fmt: skip
+    budget = log.stat().st_size // 2
+    watcher = DriftWatcher(subject.model_dir, log, model_version=version,
+                           class_names=subject.classes, window="1h", interval_s=0,
+                           publish=lambda gauges: None, max_read_bytes=budget)  # fmt: skip
+    latest = watcher.assess_once()
+    assert latest["status"] == "ok"
+    assert 0 < latest["num_observed"] < len(noise.labels)
+    assert any("newest" in reason and "MiB only" in reason for reason in latest["reasons"])
+
+
 def test_live_gauges_report_a_log_that_does_not_fit_the_reference_as_an_error(
     subject, held_out, tmp_path
 ) -> None:

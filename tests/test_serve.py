@@ -27,6 +27,7 @@ from starlette.requests import Request
 
 from serve.app import InputRejected, _check_write_token, _decode_rejection
 from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
+from serve.server_timing import parse_server_timing
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
@@ -199,6 +200,18 @@ def test_raw_image_body_and_top_k(url, photo, offline):
     )
     assert response.status_code == 200, response.text
     assert_matches_offline(response.json()["predictions"], offline_probabilities(offline, photo), 3)
+
+
+def test_a_prediction_says_where_its_time_went(url, photo):
+    """Server-Timing: the Ingress's stages, and within the Classifier call its replica's part and
+    within that the batch's forward pass."""
+    response = post_image(url, photo)
+    assert response.status_code == 200, response.text
+    timing = parse_server_timing(response.headers["Server-Timing"])
+    stages = ["read", "decode", "classifier", "classifier-replica", "classifier-batch", "record"]
+    assert list(timing) == stages
+    assert all(ms >= 0 for ms in timing.values())
+    assert timing["classifier"] >= timing["classifier-replica"] >= timing["classifier-batch"] > 0
 
 
 def test_concurrent_requests_are_all_answered_and_counted_in_batches(url, photos, offline):

@@ -3,6 +3,7 @@ is free. Driven by a `run` that blocks until the test releases it, so every batc
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -112,3 +113,21 @@ def test_batch_sizes_are_reported_as_they_start():
 def test_a_bad_max_batch_size_is_refused_with_its_value(size):
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
         DynamicBatcher(lambda items: items, max_batch_size=size)
+
+
+def test_every_batch_runs_on_the_given_executor():
+    """A Classifier's model runs on the one thread that loaded it (serve/torch_thread.py)."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    model_thread = executor.submit(threading.get_ident).result()
+
+    def run(items: list[int]) -> list[int]:
+        return [threading.get_ident() for _ in items]
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(run, max_batch_size=2, executor=executor)
+        return await asyncio.gather(*(batcher(i) for i in range(7)))
+
+    try:
+        assert set(asyncio.run(scenario())) == {model_thread}
+    finally:
+        executor.shutdown()

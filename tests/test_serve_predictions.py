@@ -165,6 +165,52 @@ def test_read_recent_stops_at_the_files_older_than_the_window(tmp_path):
     assert len(read_log(log.path).predictions) == 12
 
 
+def test_read_recent_reads_at_most_its_byte_budget_newest_first(tmp_path):
+    """Six files of three records: a budget of four records' bytes reads the newest file whole
+    and the tail of the one before it, and says it stopped short."""
+    log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=4 * _RECORD_BYTES))
+    now = datetime.now(UTC)
+    for file in range(6):
+        log.append(
+            *[_prediction(f"{file}-{i}", time=now - timedelta(seconds=6 - file)) for i in range(3)]
+        )
+    assert len(log_files(log.path)) == 6
+    budget = 4 * _RECORD_BYTES
+    recent = read_recent(log.path, timedelta(days=1), max_bytes=budget)
+    assert recent.truncated and recent.bytes_read <= budget
+    ids = [r.request_id for r in recent.predictions]
+    assert ids[-3:] == ["5-0", "5-1", "5-2"] and 1 <= len(ids) - 3 <= 2
+    assert all(i.startswith("4-") for i in ids[:-3])  # whole lines of the file before, its newest
+    assert recent.skipped_lines == 0  # the line the budget cut into is left out, not misread
+    whole = read_recent(log.path, timedelta(days=1))
+    assert len(whole.predictions) == 18 and not whole.truncated
+
+
+def test_read_recent_of_a_gigabyte_log_reads_only_its_budget(tmp_path):
+    """A 1 GiB log file (sparse: a crashed writer's hole, then real records) costs a refresh its
+    byte budget, not the file: the newest records come back, the rest is never read."""
+    path = tmp_path / "predictions.jsonl"
+    with path.open("wb") as handle:
+        handle.truncate(2**30)
+        handle.seek(2**30)
+        now = datetime.now(UTC)
+        lines = [json.dumps(_prediction(f"r{i}", time=now).__dict__) for i in range(100)]
+        handle.write(("\n" + "\n".join(lines) + "\n").encode())
+    budget = 64 * 2**20
+    recent = read_recent(path, timedelta(hours=1), max_bytes=budget)
+    assert recent.bytes_read == budget and recent.truncated
+    assert [r.request_id for r in recent.predictions] == [f"r{i}" for i in range(100)]
+
+
+def test_a_log_line_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    good = json.dumps(_prediction("ok").__dict__)
+    path.write_bytes(b"\xff\xfe{broken\n" + good.encode() + b"\n")
+    contents = read_log(path)
+    assert [r.request_id for r in contents.predictions] == ["ok"]
+    assert contents.skipped_lines == 1
+
+
 def test_feedback_in_a_newer_file_joins_a_prediction_in_an_older_one(tmp_path):
     log = PredictionLog(tmp_path / "predictions.jsonl", LogRotation(max_bytes=_RECORD_BYTES))
     log.append(_prediction("a"))

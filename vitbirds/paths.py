@@ -37,12 +37,6 @@ def shared_data_dir() -> Path | None:
     return None
 
 
-def shared_schemas_dir() -> Path | None:
-    """`../shared/schemas` beside the checkout (KubeRay CRDs), or None when absent."""
-    candidate = _REPO_ROOT.parent / "shared" / "schemas"
-    return candidate if candidate.is_dir() else None
-
-
 def is_uri(path: str) -> bool:
     """gs://, s3://, file:// ...: handed to a filesystem library rather than to pathlib."""
     return "://" in path

@@ -6,6 +6,8 @@ cannot be stopped, so Serve decodes in a small pool of worker processes instead:
 
 - each worker limits its own address space (`RLIMIT_AS`: its size after start-up plus
   `memory_bytes`), so a file that needs more fails with MemoryError in that worker alone;
+- each worker starts with an allow-listed environment: a decoder subverted by a hostile file
+  finds none of its parent's tokens or credentials;
 - the parent waits `timeout_s` for an answer, then kills the worker and starts another in the
   background: a pathological file costs its own request and one worker start, nothing else;
 - at most `workers` files decode at once, whatever the number of requests; a file that finds
@@ -146,6 +148,27 @@ def worker_main(memory_bytes: int) -> None:
             return  # a failed allocation may leave the allocator fragmented: start afresh
 
 
+# What a worker inherits of its parent's environment: enough to start Python and load Pillow's
+# libraries, nothing that could be a credential (a Serve replica's environment may hold the
+# feedback write token, the Ray auth token, cloud credentials).
+_INHERITED_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "LD_LIBRARY_PATH",
+)
+_WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def worker_environment(parent: dict[str, str]) -> dict[str, str]:
+    """A decode worker's whole environment: an allow-list of `parent`, one thread per library."""
+    return {k: v for k, v in parent.items() if k in _INHERITED_ENV} | _WORKER_THREADS
+
+
 class _Worker:
     def __init__(self, memory_bytes: int) -> None:
         self.process = subprocess.Popen(
@@ -153,7 +176,7 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env=worker_environment(dict(os.environ)),
         )
 
     def call(self, header: dict, data: bytes, timeout_s: float, limit: int) -> tuple[dict, bytes]:

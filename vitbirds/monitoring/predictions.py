@@ -86,6 +86,8 @@ class PredictionLogContents:
     predictions: list[PredictionRecord]
     true_labels: dict[str, str]  # request_id -> the last feedback label
     skipped_lines: int  # unparseable lines (e.g. cut off by a crash)
+    bytes_read: int = 0
+    truncated: bool = False  # a byte budget cut the reading short of what was asked
 
     def labelled(self) -> list[tuple[PredictionRecord, str]]:
         """Predictions that received feedback, with their true label."""
@@ -229,15 +231,19 @@ class BackgroundPredictionLog:
                 logger.exception("dropped %d records for %s", len(records), self.log.path)
 
 
-def iter_log(path: str | Path) -> Iterator[dict[str, Any] | None]:
-    """Each line's object, or None for a line that is not a JSON object."""
-    with Path(path).open(encoding="utf-8") as handle:
+def iter_log(path: str | Path, start: int = 0) -> Iterator[dict[str, Any] | None]:
+    """Each line's object, or None for a line that is not a JSON object. From `start` (a byte
+    offset), the line it falls in is skipped: reading begins at the next whole line."""
+    with Path(path).open("rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            handle.readline()  # the rest of the line that `start` falls in (or its newline)
         for line in handle:
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 yield None
                 continue
             yield value if isinstance(value, dict) else None
@@ -255,19 +261,36 @@ def read_recent(
     *,
     min_predictions: int = 0,
     model_version: str | None = None,
+    max_bytes: int | None = None,
 ) -> PredictionLogContents:
     """The log's newest files, read newest-first until what was read reaches back `window` before
     the newest prediction and holds at least `min_predictions` (of `model_version`, if given).
 
     What `recent()` of vitbirds.monitoring.assess then keeps is the same as from the whole log,
-    while the cost stays that of the files covering the window, however long the log.
+    while the cost stays that of the files covering the window, however long the log. With
+    `max_bytes`, at most that many bytes are read (the newest ones: the oldest file reached is
+    read from its tail) and `truncated` says when the budget, not the window, ended the reading:
+    however large the files, one read costs a bounded time and memory.
     """
     parts: list[PredictionLogContents] = []
     newest: datetime | None = None
     count = 0
+    budget = max_bytes
     for file in reversed(log_files(path)):
-        part = _read_files([file])
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:  # rotated away or deleted while we listed
+            continue
+        start = max(0, size - budget) if budget is not None else 0
+        part = _read_files([file], start)
+        part.bytes_read = size - start
+        part.truncated = start > 0
         parts.append(part)
+        if budget is not None:
+            budget -= part.bytes_read
+            if part.truncated or budget <= 0:
+                part.truncated = True
+                break
         times = [
             moment
             for r in part.predictions
@@ -285,21 +308,23 @@ def read_recent(
         merged.predictions.extend(part.predictions)
         merged.true_labels.update(part.true_labels)
         merged.skipped_lines += part.skipped_lines
+        merged.bytes_read += part.bytes_read
+        merged.truncated |= part.truncated
     return merged
 
 
-def _read_files(paths: list[Path]) -> PredictionLogContents:
+def _read_files(paths: list[Path], start: int = 0) -> PredictionLogContents:
     contents = PredictionLogContents(predictions=[], true_labels={}, skipped_lines=0)
     for path in paths:
         try:
-            _read_into(contents, path)
+            _read_into(contents, path, start)
         except FileNotFoundError:  # rotated away or deleted while we listed
             continue
     return contents
 
 
-def _read_into(contents: PredictionLogContents, path: Path) -> None:
-    for value in iter_log(path):
+def _read_into(contents: PredictionLogContents, path: Path, start: int = 0) -> None:
+    for value in iter_log(path, start):
         try:
             if value is None:
                 raise TypeError("not a JSON object")

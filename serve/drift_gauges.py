@@ -34,9 +34,9 @@ from vitbirds.monitoring.reference import ReferenceProfile, load_reference_profi
 logger = logging.getLogger("ray.serve")
 
 Publish = Callable[[dict[str, float]], None]
-# The newest bytes of the log one assessment reads at most: ~20,000 records of ~1.6 KB, parsed
-# in about a second on one core; the window's older records are then left out, and said so.
-DEFAULT_MAX_READ_BYTES = 32 * 1024 * 1024
+# The newest bytes of the log one assessment reads at most: ~14,000 records of ~1.2 KB, which
+# parse into ~45 MiB of Python objects; the window's older records are then left out, and said so.
+DEFAULT_MAX_READ_BYTES = 16 * 1024 * 1024
 
 
 class DriftWatcher:

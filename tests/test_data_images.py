@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from jobs.benchlib.mutate import mutations, seed_images
-from vitbirds.data.images import MAX_ASPECT_RATIO, load_rgb, resized_size
+from vitbirds.data.images import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, load_rgb, resized_size
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.errors import (
     DecodeBudgetExceeded,
@@ -342,3 +342,22 @@ def test_a_decode_worker_sees_none_of_its_parent_s_secrets(monkeypatch):
     assert "OMP_NUM_THREADS=1" in environment
     for name, value in secrets.items():
         assert name not in environment and value not in environment
+
+
+def _progressive_jpeg_with_extra_scans(extra: int) -> bytes:
+    """A real progressive JPEG whose last scan is repeated `extra` more times before its end: what
+    a scan bomb looks like to the marker count (libjpeg would repaint the image per scan)."""
+    photo = _encode(Image.effect_noise((256, 192), 40).convert("RGB"), "JPEG", progressive=True)
+    last_scan = photo.rindex(b"\xff\xda")
+    return photo[:-2] + photo[last_scan:-2] * extra + b"\xff\xd9"
+
+
+def test_a_progressive_photo_decodes_and_a_scan_bomb_is_refused_before_decoding(pool):
+    photo = _progressive_jpeg_with_extra_scans(0)
+    assert 1 < photo.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert load_rgb(photo).size == (256, 192)
+    bomb = _progressive_jpeg_with_extra_scans(MAX_JPEG_SCANS)
+    with pytest.raises(DecodeBudgetExceeded, match=r"JPEG of \d+ scans exceeds the budget of 100"):
+        load_rgb(bomb)
+    with pytest.raises(DecodeBudgetExceeded, match="scans"):  # the same refusal in the sandbox
+        pool.decode(bomb)

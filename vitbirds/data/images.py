@@ -11,7 +11,10 @@ The decode budget, checked before memory is spent:
   with `UnsupportedImageFormat` before Pillow parses it, and Pillow only tries that one plugin;
 - pixels: the declared size, the decoded size and the resized size each stay within budget
   (`ImageTooLarge`), and the aspect ratio within `MAX_ASPECT_RATIO` (`ExtremeAspectRatio`), since
-  resizing the short side up to the model's size would otherwise leave the long side unbounded.
+  resizing the short side up to the model's size would otherwise leave the long side unbounded;
+- scans: a JPEG of more than `MAX_JPEG_SCANS` scans is refused (`DecodeBudgetExceeded`). A
+  progressive JPEG repaints the whole image once per scan, so a small file of thousands of
+  near-empty scans holds libjpeg-turbo for seconds; real photos have about ten.
 Time and memory limits need a process that can be stopped: see `vitbirds/data/sandbox.py`.
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitbirds.errors import (
+    DecodeBudgetExceeded,
     ExtremeAspectRatio,
     ImageDecodeError,
     ImageTooLarge,
@@ -44,6 +48,10 @@ _BMP_UNCOMPRESSED = frozenset({0, 3, 6})
 _TIFF_COMPRESSIONS = frozenset(
     {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits", "jpeg", "group4"}
 )
+# Encoders write up to ~10 scans for a progressive JPEG (libjpeg's default script has 10,
+# mozjpeg's a few more); anything far beyond is built to cost CPU, not to show a photo.
+MAX_JPEG_SCANS = 100
+_JPEG_START_OF_SCAN = b"\xff\xda"
 # Formats worth naming in a refusal: magic bytes -> name.
 _REFUSED_MAGIC = {
     b"SIMPLE  =": "FITS",
@@ -114,6 +122,17 @@ def check_size(width: int, height: int, max_pixels: int, what: str) -> None:
         )
 
 
+def _check_jpeg_scans(data: bytes) -> None:
+    """Counts start-of-scan markers: inside entropy-coded data a 0xFF byte is always followed by
+    0x00 or a restart marker, so each FF DA starts a scan (an EXIF thumbnail adds its own one)."""
+    scans = data.count(_JPEG_START_OF_SCAN)
+    if scans > MAX_JPEG_SCANS:
+        raise DecodeBudgetExceeded(
+            f"refused, JPEG of {scans} scans exceeds the budget of {MAX_JPEG_SCANS} "
+            "(real photos have about ten)"
+        )
+
+
 def load_rgb(
     source: str | Path | bytes,
     *,
@@ -149,6 +168,8 @@ def _decode(data: bytes, max_pixels: int, short_side: int | None, resize: bool) 
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     image_format = sniff_format(data)
+    if image_format == "JPEG":
+        _check_jpeg_scans(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
     except UnidentifiedImageError as exc:

@@ -154,6 +154,14 @@ def _drift_gauge(name: str) -> metrics.Gauge:
 
 
 @cache
+def _dropped_log_records() -> metrics.Counter:
+    return metrics.Counter(
+        "vitbirds_prediction_log_dropped",
+        description="Prediction log records dropped: its write queue was full or a write failed.",
+    )
+
+
+@cache
 def _batch_sizes() -> metrics.Histogram:
     return metrics.Histogram(
         "vitbirds_batch_size",
@@ -455,7 +463,8 @@ class Ingress:
         self.log = BackgroundPredictionLog(
             PredictionLog(
                 log_path(_log_anchor(version, local_dir), settings.prediction_log), rotation
-            )
+            ),
+            on_drop=lambda count: _dropped_log_records().inc(count),
         )
         self.requests = RequestIndex(self.log.path, timedelta(seconds=settings.feedback_max_age_s))
         self.index_html = (STATIC_DIR / "index.html").read_text()
@@ -471,6 +480,14 @@ class Ingress:
         )
         self.drift.start()
         logger.info("Ingress: prediction log %s", self.log.path)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the queued prediction records are written before the
+        replica goes, and the decode workers stop with it."""
+        if hasattr(self, "log") and not self.log.close():
+            logger.warning("Ingress: prediction log not flushed in time (%s)", self.log.path)
+        if getattr(self, "decode_pool", None) is not None:
+            self.decode_pool.close()
 
     def _publish_drift(self, gauges: dict[str, float]) -> None:
         for name, value in gauges.items():

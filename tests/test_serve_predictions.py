@@ -2,6 +2,7 @@
 job reads."""
 
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,6 +81,46 @@ def test_background_log_writes_every_record_in_order(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert [r.request_id for r in read_log(log.path).predictions] == [str(i) for i in range(200)]
+
+
+def test_closing_the_background_log_writes_everything_submitted_before_it(tmp_path):
+    log = BackgroundPredictionLog(PredictionLog(tmp_path / "predictions.jsonl"))
+    for i in range(500):
+        log.submit(_prediction(str(i)))
+    assert log.close()  # no waiting for the writer to catch up first
+    assert [r.request_id for r in read_log(log.path).predictions] == [str(i) for i in range(500)]
+    log.submit(_prediction("late"))  # after close: counted, not written, not an error
+    assert log.dropped == 1 and len(read_log(log.path).predictions) == 500
+
+
+class _StalledLog(PredictionLog):
+    """A log whose writes wait for `release` (a disk or a bucket mount that stalls)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+
+    def append(self, *records) -> None:
+        self.release.wait(timeout=30)
+        super().append(*records)
+
+
+def test_a_stalled_log_drops_and_counts_past_its_queue_bound_then_writes_the_rest(tmp_path):
+    stalled = _StalledLog(tmp_path / "predictions.jsonl")
+    counted: list[int] = []
+    log = BackgroundPredictionLog(stalled, max_queued=10, on_drop=counted.append)
+    log.submit(_prediction("first"))  # taken by the writer, which then stalls on it
+    deadline = time.monotonic() + 10
+    while not log._queue.empty():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for i in range(25):
+        log.submit(_prediction(str(i)))  # 10 fit in the queue; 15 are dropped at once
+    assert log.dropped == 15 and sum(counted) == 15
+    stalled.release.set()
+    assert log.close()
+    written = [r.request_id for r in read_log(stalled.path).predictions]
+    assert written == ["first"] + [str(i) for i in range(10)]
 
 
 def test_embedding_projection_is_the_same_everywhere_and_keeps_distances():

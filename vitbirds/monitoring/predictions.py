@@ -19,7 +19,8 @@ line attaches a true label to an earlier prediction by its request id; the last 
 Each append is one `write` to a file opened for appending, so several writers on one host do not
 interleave; the reader skips lines it cannot parse (a writer killed mid-line) and counts them.
 Serve appends from a background thread (`BackgroundPredictionLog`) so a slow disk or a FUSE
-bucket mount never stalls a request, and records that queue up meanwhile go out in one write.
+bucket mount never stalls a request, and records that queue up meanwhile go out in one write;
+the queue is bounded, and what it drops is counted.
 
 The log is bounded (`LogRotation`): when the file would pass `max_bytes`, or was begun more than
 `max_age_s` ago, it is renamed `predictions.<UTC time of the rename>.jsonl` and a new one
@@ -35,7 +36,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,30 +206,79 @@ def parse_time(text: object) -> datetime | None:
 
 
 class BackgroundPredictionLog:
-    """`submit` returns at once; a daemon thread appends everything queued so far in one write.
-    A failed write is logged and its records dropped: losing log lines beats failing requests."""
+    """`submit` returns at once; a thread appends everything queued so far in one write.
 
-    def __init__(self, log: PredictionLog) -> None:
+    The queue holds at most `max_queued` records, so a disk or bucket mount that stalls costs
+    bounded memory: past it a record is dropped, not the request. Dropped records (queue full,
+    or a failed write, which is logged) are counted in `dropped` and reported to `on_drop`, for
+    a metric. `close()` writes what is queued and stops the thread: a graceful shutdown loses
+    nothing that was answered.
+    """
+
+    def __init__(
+        self,
+        log: PredictionLog,
+        *,
+        max_queued: int = 10_000,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
         self.log = log
-        self._queue: queue.SimpleQueue[Record] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="prediction-log", daemon=True).start()
+        self.on_drop = on_drop
+        self.dropped = 0
+        self._drop_lock = threading.Lock()  # submit (event loop) and the writer both count
+        self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=max_queued)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
 
     @property
     def path(self) -> Path:
         return self.log.path
 
     def submit(self, record: Record) -> None:
-        self._queue.put(record)
+        if self._closed:
+            self._drop(1)
+            return
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._drop(1)
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Writes what is queued, then stops; False if that took longer than `timeout_s`."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._queue.put(None, timeout=timeout_s)  # the writer stops when it reaches this
+            except queue.Full:  # the writer is stuck on a write
+                return False
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _drop(self, count: int) -> None:
+        with self._drop_lock:
+            self.dropped += count
+        if self.on_drop is not None:
+            self.on_drop(count)
 
     def _run(self) -> None:
-        while True:
-            records = [self._queue.get()]
-            while not self._queue.empty():
-                records.append(self._queue.get())
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            records = [r for r in batch if r is not None]
+            if not records:
+                continue
             try:
                 self.log.append(*records)
             except OSError:
                 logger.exception("dropped %d records for %s", len(records), self.log.path)
+                self._drop(len(records))
 
 
 def iter_log(path: str | Path, start: int = 0) -> Iterator[dict[str, Any] | None]:

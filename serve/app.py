@@ -204,9 +204,15 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _unavailable(exc: BackPressureError | RayActorError) -> JSONResponse:
-    """503 when a model deployment's queue is full or its replica is gone: retry shortly."""
-    reason = "overloaded" if isinstance(exc, BackPressureError) else "model_unavailable"
-    return _error(503, reason, str(exc), headers={"Retry-After": "1"})
+    """503 when a model deployment's queue is full or its replica is gone: retry shortly. The
+    client gets a fixed sentence; Ray's own text (actor ids, node addresses, a replica's
+    traceback) goes to the log only."""
+    if isinstance(exc, BackPressureError):
+        reason, message = "overloaded", "the model is at capacity; retry shortly"
+    else:
+        reason, message = "model_unavailable", "the model replica is unavailable; retry shortly"
+    logger.warning("503 %s: %s", reason, exc)
+    return _error(503, reason, message, headers={"Retry-After": "1"})
 
 
 def _decode_rejection(error: ImageDecodeError | DecodersBusy) -> InputRejected:

@@ -23,9 +23,11 @@ import requests
 import torch
 from PIL import Image
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
-from serve.app import InputRejected, _check_write_token, _decode_rejection
+from serve.app import InputRejected, _check_write_token, _decode_rejection, _unavailable
 from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
 from serve.server_timing import parse_server_timing
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
@@ -327,6 +329,27 @@ HOSTILE = {
     "tall_and_thin": (lambda p: upload(png_header_only(1, 5_000_000)), 422, "extreme_aspect_ratio"),
     "wide_and_flat": (lambda p: upload(png_header_only(6_000_000, 1)), 422, "extreme_aspect_ratio"),
 }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (BackPressureError(num_queued_requests=129, max_queued_requests=128), "overloaded"),
+        (
+            RayActorError(
+                actor_id="7f3a9c", error_msg="The actor died: node 10.0.0.5, SIGKILL\nTraceback"
+            ),
+            "model_unavailable",
+        ),
+    ],
+)
+def test_an_unavailable_model_is_a_503_that_reveals_nothing_internal(error, reason):
+    response = _unavailable(error)
+    body = json.loads(response.body)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert body["reason"] == reason and "retry shortly" in body["error"]
+    for internal in ("7f3a9c", "10.0.0.5", "Traceback", "129", "128"):
+        assert internal not in body["error"]
 
 
 @pytest.mark.parametrize("path", ["/predict", "/explain"])

@@ -9,7 +9,7 @@ included) untouched:
   instead of the local `models/latest`;
 - the Classifier replicas ask for a GPU, or explicitly none when rendered for CPU;
 - optionally the model version's content digest (`--model-sha256`, what
-  `vitbirds.model.versions.content_digest` prints for the directory): the deployment then
+  `vitbirds.lifecycle.store.content_digest` prints for the directory): the deployment then
   refuses any other content at that path instead of serving it.
 
 Serve resolves the model directory to one immutable version each time the config is deployed;

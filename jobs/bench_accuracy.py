@@ -35,6 +35,7 @@ from jobs.benchlib.report import report, target
 from vitbirds.data import IMAGENET_MEAN, IMAGENET_STD, batch_mixer, discover_dataset, make_loaders
 from vitbirds.data.sources import DatasetSplits
 from vitbirds.errors import ConfigError
+from vitbirds.lifecycle.store import fetch_model
 from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import ModelMetadata, read_metadata, save_model
 from vitbirds.paths import repo_root, shared_data_dir
@@ -75,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECTION.FIELD=VALUE",
         help="override a recipe field, e.g. model.drop_path=0.2 or data.mixup=0.8 (JSON values)",
     )
-    parser.add_argument("--teacher", type=Path, help="a model directory to distil from")
+    parser.add_argument(
+        "--teacher", help="a model to distil from: a model or run directory, gs://..., models:/..."
+    )
     parser.add_argument("--only", choices=("both", "vit", "resnet"), default="both")
     parser.add_argument("--out", type=Path, default=repo_root() / "runs" / "quality")
     parser.add_argument("--name", default="bench", help="results file and model folder name")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    teacher_dir = args.teacher
+    teacher_dir = fetch_model(args.teacher).path if args.teacher else None
     if args.only in ("both", "resnet"):
         baseline = get_recipe(RESNET_RECIPE)
         baseline.train.epochs = args.epochs

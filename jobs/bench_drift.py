@@ -42,14 +42,13 @@ from jobs.benchlib.shifts import (
     subject_recipe,
     train_subject,
 )
-from vitbirds.data.sources import Sample, discover_dataset
+from vitbirds.data.sources import Sample, discover_dataset, samples_for_model
 from vitbirds.model.files import load_model
 from vitbirds.monitoring.assess import MonitorConfig
 from vitbirds.monitoring.reference import (
     UNKNOWN_LABEL,
     image_dataset,
     load_reference_profile,
-    samples_for_model,
 )
 from vitbirds.paths import repo_root, shared_data_dir
 from vitbirds.presets import get_recipe

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.benchlib.report import report, target
 from vitbirds.data import ImageDataset, discover_dataset, eval_transform
-from vitbirds.data.sources import SPLITS
+from vitbirds.data.sources import SPLITS, model_labels
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE
 from vitbirds.evaluation.agreement import (
     MIN_ROLLOUT_CORRELATION,
@@ -29,6 +29,7 @@ from vitbirds.evaluation.agreement import (
     PROBABILITY_TOLERANCE,
     precision_agreement,
 )
+from vitbirds.lifecycle.store import fetch_model
 from vitbirds.model.files import load_model
 from vitbirds.paths import shared_data_dir
 from vitbirds.precision import FP32, resolve_precision
@@ -41,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, help="a model directory")
+    parser.add_argument(
+        "--model", required=True, help="a model or run directory, gs://..., or models:/..."
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -60,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no photos: pass --data-dir or set VITBIRDS_DATA")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(fetch_model(args.model).path)
     metadata = loaded.metadata
     splits = discover_dataset(args.data_dir)
-    known = set(metadata.class_names)
-    samples = [s for s in splits.split(args.split) if splits.classes[s.label] in known]
+    known = model_labels(splits.classes, metadata.class_names)
+    samples = [s for s in splits.split(args.split) if s.label in known]
     if not samples:
         raise SystemExit(f"no photo of {args.data_dir} ({args.split}) is of the model's classes")
     transform = eval_transform(metadata.image_size, metadata.mean, metadata.std)

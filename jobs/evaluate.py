@@ -1,9 +1,10 @@
-"""Evaluate an exported model directory on a dataset split: metrics.json and report.html.
+"""Evaluate an exported model on a dataset split: metrics.json and report.html.
 
 examples:
     python jobs/evaluate.py --model runs/my-run/model --data-dir ../shared/data/cub100 --split valid
     python jobs/evaluate.py --model models/latest --data-dir ../shared/data/kaggle-birds525-valid \\
         --split all --out runs/eval-kaggle
+    python jobs/evaluate.py --model models:/vitbirds@champion --data-dir NEW_PHOTOS --split all
     python jobs/evaluate.py --model M --data-dir SYNTHETIC_DIR --split test --attention-check
 
 `--split all` evaluates every image of the dataset (for a folder that is only an evaluation set).
@@ -26,18 +27,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset
+from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.data.synthetic import load_mask
 from vitbirds.devices import DEVICE_CHOICES, resolve_device
 from vitbirds.errors import DataError, VitbirdsError
 from vitbirds.evaluation.evaluate import EvaluationConfig, attention_check
+from vitbirds.lifecycle.registry import registry_uri
+from vitbirds.lifecycle.store import fetch_model
+from vitbirds.lifecycle.tracking import make_tracker, tracker_hint
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.paths import output_note, output_path
 from vitbirds.precision import resolve_precision
 from vitbirds.settings import RunSettings, add_arguments
 from vitbirds.training.export import evaluate_and_report
 from vitbirds.training.runner import data_label
-from vitbirds.training.tracking import make_tracker, tracker_hint
 
 ATTENTION_FILE = "attention_check.json"
 
@@ -58,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--model", required=True, metavar="PATH",
-        help="model directory (model.safetensors + metadata.json)")  # fmt: skip
+    add("--model", required=True, metavar="REF",
+        help="the model: a model or run directory, gs://..., models:/NAME@ALIAS or "
+             "models:/NAME/VERSION")  # fmt: skip
     add("--data-dir", metavar="PATH", help="dataset root (default: the model's, from its metadata)")
     add("--split", choices=[*SPLITS, "all"], default="test",
         help="split to evaluate; all: every image of the dataset (default: test)")  # fmt: skip
@@ -116,12 +120,12 @@ def load_split(
         sizes = ", ".join(f"{name} ({len(splits.split(name))})" for name in SPLITS)
         raise DataError(f"split {args.split!r} of {splits.root} is empty; splits: {sizes}")
     label = data_label(splits)
-    known = set(metadata.class_names)
-    scorable = [s for s in samples if splits.classes[s.label] in known]
+    known = model_labels(splits.classes, metadata.class_names)
+    scorable = [s for s in samples if s.label in known]
     if not scorable:
         raise DataError(f"none of the classes of {splits.root} is among the model's classes")
     if len(scorable) < len(samples):
-        unknown = {splits.classes[s.label] for s in samples} - known
+        unknown = {splits.classes[s.label] for s in samples if s.label not in known}
         label += (
             f"; {len(samples) - len(scorable)} images of {len(unknown)} classes the model "
             "was not trained on left out"
@@ -139,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         print(f"{device.type}: {precision.describe()}", flush=True)
-        model_dir = output_path(args.model)
-        loaded = load_model(model_dir, device=device)
+        fetched = fetch_model(args.model, tracking_uri=registry_uri(output_path(args.storage_path)))
+        loaded = load_model(fetched.path, device=device)
         splits, samples, label = load_split(args, loaded)
         config = EvaluationConfig(batch_size=args.batch_size, overlays=args.overlays)
         check = None
@@ -150,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"--attention-check needs a synthetic dataset; {splits.root} is not"
                 )
             check = attention_check(loaded, samples, load_mask, config=config, device=device)
-        default_out = f"{RunSettings.storage_path}/evaluation/{Path(model_dir).name}-{args.split}"
+        default_out = f"{RunSettings.storage_path}/evaluation/{fetched.label}-{args.split}"
         out = Path(output_path(args.out or default_out))
         tracker = make_tracker(
             args.tracker,
-            run_name=f"evaluate-{Path(model_dir).name}-{args.split}",
+            run_name=f"evaluate-{fetched.label}-{args.split}",
             storage_path=output_path(args.storage_path),
         )
         try:

@@ -43,8 +43,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.data.sources import discover_dataset
+from vitbirds.data.sources import discover_dataset, samples_for_model
 from vitbirds.errors import ConfigError, DataError, VitbirdsError
+from vitbirds.lifecycle.registry import CHALLENGER, RegisteredVersion, registry_uri
+from vitbirds.lifecycle.store import fetch_model
+from vitbirds.lifecycle.tracking import make_tracker, tracker_hint
 from vitbirds.model.files import ModelMetadata, load_model, read_metadata
 from vitbirds.monitoring.assess import (
     Assessment,
@@ -64,20 +67,11 @@ from vitbirds.monitoring.reference import (
     image_dataset,
     load_reference_profile,
     model_outputs,
-    samples_for_model,
     save_reference_profile,
 )
 from vitbirds.monitoring.report import render_report
 from vitbirds.paths import output_note, output_path, repo_root
 from vitbirds.settings import RunSettings, add_arguments
-from vitbirds.training.registry import (
-    CHALLENGER,
-    ModelVersion,
-    is_model_uri,
-    registry_uri,
-    resolve_model_uri,
-)
-from vitbirds.training.tracking import make_tracker, tracker_hint
 
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
 AUTO_WINDOWS = 8  # without --window the log's span is cut into this many windows for the report
@@ -97,9 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--model",
         required=True,
-        metavar="PATH|URI",
-        help="model directory (with its reference profile) or a registry URI such as "
-        "models:/vitbirds@champion",
+        metavar="REF",
+        help="the model: a model or run directory, gs://..., or a registry URI such as "
+        "models:/vitbirds@champion (its reference profile is used when it has one)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -203,18 +197,14 @@ def default_ray_address() -> str:
     return DEFAULT_RAY_ADDRESS
 
 
-def resolve_model(args: argparse.Namespace) -> ModelVersion | None:
-    """Turns --model into a local directory (args.model); a registry URI is resolved to one
-    version, downloaded, and returned (None for a plain directory)."""
-    if not is_model_uri(args.model):
-        args.model = Path(args.model)
-        return None
-    model_dir, version = resolve_model_uri(
-        args.model, tracking_uri=registry_uri(args.retrain_storage)
-    )
-    print(f"model: {args.model} -> {version.uri}", flush=True)
-    args.model = model_dir
-    return version
+def resolve_model(args: argparse.Namespace) -> RegisteredVersion | None:
+    """Turns --model, any model reference, into a local directory (args.model); returns the
+    registry version a models:/ URI named (None for any other reference)."""
+    fetched = fetch_model(args.model, tracking_uri=registry_uri(args.retrain_storage))
+    if fetched.registered is not None:
+        print(f"model: {args.model} -> {fetched.registered.uri}", flush=True)
+    args.model = fetched.path
+    return fetched.registered
 
 
 def monitor_config(args: argparse.Namespace) -> MonitorConfig:
@@ -354,7 +344,7 @@ def submit(
     command: list[str],
     metadata: ModelMetadata,
     headers: dict[str, str],
-    registered: ModelVersion | None = None,
+    registered: RegisteredVersion | None = None,
 ) -> str:
     """Submits `command` with this checkout as the working dir; returns the job id.
 
@@ -503,9 +493,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_paths(args: argparse.Namespace) -> None:
-    """The model and the outputs where every job puts them (`vitbirds.paths.output_path`)."""
-    if not is_model_uri(args.model):
-        args.model = Path(output_path(args.model))
+    """The outputs where every job puts them (`vitbirds.paths.output_path`)."""
     if args.out is not None:
         args.out = Path(output_path(args.out))
     args.storage_path = output_path(args.storage_path)

@@ -32,20 +32,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset
+from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.devices import resolve_device
 from vitbirds.errors import DataError, VitbirdsError
 from vitbirds.evaluation.compare import Comparison, GateConfig, paired_bootstrap
 from vitbirds.evaluation.evaluate import EvaluationConfig, evaluate_model
-from vitbirds.model.files import load_model, read_metadata
-from vitbirds.training.registry import (
+from vitbirds.lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     DEFAULT_MODEL_NAME,
-    ModelVersion,
+    RegisteredVersion,
     Registry,
     registry_uri,
 )
+from vitbirds.model.files import load_model, read_metadata
 
 PROMOTED, REFUSED, USAGE = 0, 3, 2
 
@@ -96,8 +96,8 @@ class Decision:
 
     promoted: bool
     reason: str
-    challenger: ModelVersion
-    champion: ModelVersion | None
+    challenger: RegisteredVersion
+    champion: RegisteredVersion | None
     comparison: Comparison | None
     challenger_top1: float | None
 
@@ -112,8 +112,11 @@ class Decision:
         }
 
 
-def select_samples(args: argparse.Namespace, known: set[str]) -> tuple[DatasetSplits, list[Sample]]:
-    """The requested split's images of classes every compared model knows, seeded sample."""
+def select_samples(
+    args: argparse.Namespace, models_classes: list[list[str]]
+) -> tuple[DatasetSplits, list[Sample]]:
+    """The requested split's images of classes every compared model knows (matched by
+    `class_key`, as evaluation matches them), seeded sample."""
     splits = discover_dataset(args.data_dir, seed=args.seed)
     samples = splits.split(args.split) if args.split != "all" else [
         *splits.train, *splits.valid, *splits.test
@@ -124,7 +127,9 @@ def select_samples(args: argparse.Namespace, known: set[str]) -> tuple[DatasetSp
             f"split {args.split!r} of {splits.root} is empty (splits: {sizes}); "
             "--split all scores every image"
         )
-    samples = [s for s in samples if splits.classes[s.label] in known]
+    for model_classes in models_classes:
+        known = model_labels(splits.classes, model_classes)
+        samples = [s for s in samples if s.label in known]
     if not samples:
         raise DataError(f"none of the classes of {splits.root} is known to the compared models")
     if args.max_images is not None and len(samples) > args.max_images:
@@ -161,8 +166,7 @@ def decide(args: argparse.Namespace, registry: Registry) -> Decision:
     dirs = {"challenger": registry.download(challenger)}
     if champion is not None:
         dirs["champion"] = registry.download(champion)
-    known = set.intersection(*(set(read_metadata(d).class_names) for d in dirs.values()))
-    splits, samples = select_samples(args, known)
+    splits, samples = select_samples(args, [read_metadata(d).class_names for d in dirs.values()])
     scored = {role: correct_by_path(d, splits, samples, device) for role, d in dirs.items()}
     if champion is None:
         top1 = float(np.mean(list(scored["challenger"].values())))

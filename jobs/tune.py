@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs import train as train_job
 from vitbirds.errors import ConfigError, VitbirdsError
+from vitbirds.lifecycle.tracking import make_tracker, tracker_hint
 from vitbirds.paths import output_note, output_path
 from vitbirds.presets import Recipe
 from vitbirds.settings import DEFAULT_PRESET, add_arguments, presets_table
@@ -67,7 +68,6 @@ from vitbirds.training.sweep import (
     train_argv,
     write_table,
 )
-from vitbirds.training.tracking import make_tracker, tracker_hint
 
 if TYPE_CHECKING:
     from vitbirds.ray_adapter.train import TrainOutcome

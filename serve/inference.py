@@ -1,6 +1,6 @@
 """The serving work that does not need Ray: uploaded bytes -> model input, a batch -> outputs,
-one image -> attention overlay. The deployments in serve/app.py wrap these, and the benchmark's
-naive baseline and its throughput limit run the very same code without Serve.
+one image -> attention overlay. The deployments in serve/model_deployments.py wrap these, and the
+benchmark's naive baseline and its throughput limit run the very same code without Serve.
 
 Photos are decoded exactly as training and evaluation decode them (`load_rgb` at the short side
 `image_size * EVAL_RESIZE_SCALE`, then `eval_transform`), so a served prediction is the prediction

@@ -27,7 +27,7 @@ class ServeSettings:
 
     model_dir: str = ""  # local path, gs:// or models:/name@alias; $VITBIRDS_MODEL_DIR overrides
     # Pins the version: deploying fails unless model_dir holds exactly this content digest
-    # (vitbirds.model.versions.content_digest); cluster/render_rayservice.py --model-sha256 sets it.
+    # (vitbirds.lifecycle.store.content_digest); render_rayservice.py --model-sha256 sets it.
     model_sha256: str | None = None
     prediction_log: str | None = None  # None: beside the model dir; $VITBIRDS_PREDICTION_LOG wins
     max_body_bytes: int = 10 * 1024 * 1024  # larger uploads get 413 before being read

@@ -20,11 +20,12 @@ from test_registry import register_model_dir
 from jobs import promote
 from jobs.benchlib.shifts import noise_images, train_subject
 from vitbirds.data import make_synthetic_dataset
-from vitbirds.model.files import fetch_model_dir, load_model, read_metadata
+from vitbirds.lifecycle.registry import CHAMPION, Registry
+from vitbirds.lifecycle.store import fetch_model, materialize, resolve
+from vitbirds.lifecycle.tracking import default_mlflow_uri
+from vitbirds.model.files import load_model, read_metadata
 from vitbirds.monitoring.reference import model_outputs
 from vitbirds.presets import get_recipe
-from vitbirds.training.registry import CHAMPION, Registry, resolve_model_uri
-from vitbirds.training.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 480
@@ -128,11 +129,13 @@ def test_the_gate_promotes_the_challenger(loop) -> None:
 
 
 def test_serve_redeployed_on_the_champion_alias_loads_the_retrained_model(loop) -> None:
-    local, version = resolve_model_uri(
-        "models:/vitbirds@champion", storage_path=loop["storage"], cache_dir=loop["root"] / "c"
-    )
-    served = load_model(fetch_model_dir(str(local)))  # what serve/app.py's replicas do
-    assert version.version == 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITBIRDS_CACHE", str(loop["root"] / "cache"))
+        patch.setenv("MLFLOW_TRACKING_URI", default_mlflow_uri(loop["storage"]))
+        fetched = fetch_model("models:/vitbirds@champion")
+        # What Serve does: resolve at deployment, load the pinned version in each replica.
+        served = load_model(materialize(resolve("models:/vitbirds@champion")))
+    assert fetched.registered.version == 2
     assert served.metadata.version == read_metadata(loop["trained"]["model_dir"]).version
 
 

@@ -1,5 +1,19 @@
 """The shape of the code base: which folder may import what, and how long a library function may be.
 
+The stages, lowest first; a module imports from its own stage and the ones below, never above:
+
+    core        vitbirds/*.py but settings.py: errors, config, presets, devices, precision, paths
+    model       the networks and the model directory format
+    lifecycle   tracking, the model registry, the model store
+    data        datasets, decoding, transforms
+    evaluation  metrics, reports, agreement
+    monitoring  drift and decay
+    settings    vitbirds/settings.py: every run setting, the CLIs built from it
+    training    the loop, run set-up, export, sweeps
+    ray_adapter Ray Train, Tune and Data
+    serve       the HTTP service
+    jobs        the command lines and benchmarks
+
 Read from the source with `ast` (every import, lazy ones inside functions included), so a move
 that breaks the layout fails here rather than in review.
 """
@@ -42,6 +56,54 @@ def _violations(rule) -> list[str]:
             if not rule(name, module):
                 found.append(f"{name}:{line} imports {module}")
     return found
+
+
+STAGES = (
+    "core", "model", "lifecycle", "data", "evaluation", "monitoring", "settings", "training",
+    "ray_adapter", "serve", "jobs",
+)  # fmt: skip
+
+
+def _stage(module: str) -> str | None:
+    """The stage of a dotted module name or a source path's dotted form; None outside the tree."""
+    parts = module.split(".")
+    if parts[0] in ("serve", "jobs"):
+        return parts[0]
+    if parts[0] != "vitbirds":
+        return None
+    if len(parts) > 1 and parts[1] in STAGES:
+        return parts[1]
+    return "settings" if parts[1:2] == ["settings"] else "core"
+
+
+def _dotted_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """(dotted module, line) of every absolute import in `path`, `from a import b` as `a.b`."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                yield f"{node.module}.{alias.name}", node.lineno
+
+
+def test_no_module_imports_from_a_stage_above_its_own() -> None:
+    found = []
+    for path in _sources():
+        name = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+        own = _stage(name)
+        if own is None:
+            continue
+        for module, line in _dotted_imports(path):
+            theirs = _stage(module)
+            if theirs is not None and STAGES.index(theirs) > STAGES.index(own):
+                found.append(f"{name}:{line} ({own}) imports {module} ({theirs})")
+    assert found == []
+
+
+def test_the_stage_map_knows_every_library_package() -> None:
+    packages = {p.name for p in (ROOT / "vitbirds").iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= set(STAGES)
 
 
 def test_ray_is_imported_only_in_the_adapter_folder_serve_jobs_and_tests() -> None:

@@ -1,15 +1,16 @@
-"""A model reference resolved once to an immutable version (vitbirds/model/versions.py)."""
+"""A model reference resolved once to an immutable version (vitbirds.lifecycle.store)."""
 
 import shutil
 from pathlib import Path
 
 import pytest
+from test_registry import register_model_dir, tiny_model_dir
 
 from serve.testing import make_model_dir
 from vitbirds.errors import ModelFileError
-from vitbirds.model import versions
+from vitbirds.lifecycle.registry import CHALLENGER, registry_uri
+from vitbirds.lifecycle.store import ModelVersionMismatchError, content_digest, materialize, resolve
 from vitbirds.model.files import METADATA_FILE, WEIGHTS_FILE, read_metadata
-from vitbirds.model.versions import ModelVersionMismatchError, content_digest, materialize, resolve
 
 CLASSES = ["Blue_Jay", "Cardinal", "Mallard"]
 
@@ -93,18 +94,25 @@ def test_a_missing_or_partial_model_is_a_model_file_error(tmp_path, snapshots):
         resolve(str(partial), snapshot_root=snapshots)
 
 
-def test_registry_references_go_through_the_single_resolver_hook(latest, snapshots, monkeypatch):
-    seen = []
+def test_a_registry_alias_is_pinned_to_the_files_of_the_version_it_names(
+    tmp_path, snapshots, monkeypatch
+):
+    """A replica on another node re-fetches the version's own artifact folder, never the alias,
+    which may have moved since the deployment resolved it."""
+    storage = tmp_path / "runs"
+    monkeypatch.setenv("VITBIRDS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_uri(storage))
+    first = tiny_model_dir(tmp_path / "m1", seed=1)
+    register_model_dir(storage, first, "one")
+    version = resolve(f"models:/vitbirds@{CHALLENGER}", snapshot_root=snapshots)
+    assert version.reference == f"models:/vitbirds@{CHALLENGER}"
+    assert version.sha256 == content_digest(first) and version.source.endswith("model")
 
-    def registry(uri: str) -> str:
-        seen.append(uri)
-        return str(latest)
-
-    monkeypatch.setitem(versions.RESOLVERS, versions.REGISTRY_SCHEME, registry)
-    version = resolve("models:/vitbirds@champion", snapshot_root=snapshots)
-    assert seen == ["models:/vitbirds@champion"]
-    assert version.reference == "models:/vitbirds@champion"
-    assert version.source == str(latest) and version.sha256 == content_digest(latest)
+    register_model_dir(storage, tiny_model_dir(tmp_path / "m2", seed=2), "two")  # alias moves
+    shutil.rmtree(version.snapshot)  # a node that never saw the snapshot
+    assert content_digest(materialize(version, snapshot_root=tmp_path / "elsewhere")) == (
+        version.sha256
+    )
 
 
 def test_only_the_most_recently_resolved_snapshots_are_kept(latest, snapshots):

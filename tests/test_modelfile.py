@@ -10,7 +10,6 @@ from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
 from vitbirds.model.files import (
     ModelMetadata,
-    fetch_model_dir,
     load_model,
     read_metadata,
     save_model,
@@ -88,16 +87,3 @@ def test_missing_directory_and_missing_files_are_clear_errors(tmp_path) -> None:
     (tmp_path / "m" / "metadata.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="not valid model metadata"):
         load_model(tmp_path / "m")
-
-
-def test_a_remote_model_directory_is_fetched_with_its_reference_profile(tmp_path) -> None:
-    source = save_model(tmp_path / "bucket" / "model", VisionTransformer(CONFIG), _metadata())
-    (source / "reference.json").write_text("{}")
-    local = fetch_model_dir(source.as_uri(), cache_dir=tmp_path / "cache")
-    assert local != source
-    assert sorted(p.name for p in local.iterdir()) == [
-        "metadata.json",
-        "model.safetensors",
-        "reference.json",
-    ]
-    assert load_model(local).metadata.class_names == _metadata().class_names

@@ -18,6 +18,7 @@ from jobs.benchlib.shifts import Subject, label_shift, noise_images, train_subje
 from serve.drift_gauges import DriftWatcher
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.errors import ConfigError, ModelFileError
+from vitbirds.lifecycle.tracking import default_mlflow_uri
 from vitbirds.model.files import load_model
 from vitbirds.monitoring.assess import (
     Assessment,
@@ -47,7 +48,6 @@ from vitbirds.monitoring.reference import (
     model_outputs,
 )
 from vitbirds.presets import get_recipe
-from vitbirds.training.tracking import default_mlflow_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 START = datetime(2026, 1, 1, tzinfo=UTC)

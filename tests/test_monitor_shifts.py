@@ -22,9 +22,9 @@ from jobs.benchlib.shifts import (
     subject_recipe,
     train_subject,
 )
-from vitbirds.data.sources import discover_dataset
+from vitbirds.data.sources import discover_dataset, samples_for_model
 from vitbirds.model.files import load_model
-from vitbirds.monitoring.reference import image_dataset, load_reference_profile, samples_for_model
+from vitbirds.monitoring.reference import image_dataset, load_reference_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBSETS = 4

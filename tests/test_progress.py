@@ -85,7 +85,7 @@ def test_the_library_loops_with_bars_do_not_import_ray() -> None:
     modules = [
         "vitbirds.progress", "vitbirds.training.loop", "vitbirds.data.loading",
         "vitbirds.evaluation.evaluate", "vitbirds.monitoring.reference",
-        "vitbirds.training.registry", "vitbirds.evaluation.compare",
+        "vitbirds.lifecycle.registry", "vitbirds.evaluation.compare",
     ]  # fmt: skip
     code = f"import sys; import {', '.join(modules)}; print('ray' in sys.modules)"
     done = subprocess.run(

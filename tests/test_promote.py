@@ -16,10 +16,10 @@ from jobs import promote
 from vitbirds.data import make_synthetic_dataset
 from vitbirds.data.sources import discover_dataset
 from vitbirds.evaluation.compare import GateConfig, paired_bootstrap
+from vitbirds.lifecycle.registry import CHALLENGER, CHAMPION, Registry
+from vitbirds.lifecycle.tracking import default_mlflow_uri
 from vitbirds.model.files import load_model, read_metadata, save_model
 from vitbirds.monitoring.reference import image_dataset
-from vitbirds.training.registry import CHALLENGER, CHAMPION, Registry
-from vitbirds.training.tracking import default_mlflow_uri
 
 # ---------------------------------------------------------------------------------------------
 # The statistics

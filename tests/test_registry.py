@@ -8,21 +8,33 @@ import torch
 
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vitbirds.errors import ConfigError, ModelFileError
-from vitbirds.model.files import ModelMetadata, load_model, save_model
-from vitbirds.model.vit import build_model
-from vitbirds.presets import get_recipe
-from vitbirds.training.registry import (
+from vitbirds.lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     ModelUri,
     Registry,
     parse_model_uri,
     register_export,
-    resolve_model_uri,
+    registry_uri,
 )
-from vitbirds.training.tracking import MlflowTracker, default_mlflow_uri
+from vitbirds.lifecycle.store import fetch_model
+from vitbirds.lifecycle.tracking import MlflowTracker, default_mlflow_uri
+from vitbirds.model.files import ModelMetadata, load_model, save_model
+from vitbirds.model.vit import build_model
+from vitbirds.presets import get_recipe
 
 CLASSES = ["Blue Tit", "Robin", "Wren"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VITBIRDS_CACHE", str(tmp_path / "cache"))
+
+
+def fetch_registered(uri: str, storage: Path):
+    """(local directory, registered version) of a models:/ URI, through the model store."""
+    fetched = fetch_model(uri, tracking_uri=registry_uri(storage))
+    return fetched.path, fetched.registered
 
 
 def tiny_model_dir(path: Path, *, seed: int, classes: list[str] = CLASSES) -> Path:
@@ -73,36 +85,26 @@ def test_a_version_records_the_model_it_holds_as_tags(two_versions) -> None:
     assert tags["metric.val_top1"] == "0.5"
 
 
-def test_a_version_holds_the_safetensors_and_metadata_files_and_no_pickle(
-    two_versions, tmp_path
-) -> None:
+def test_a_version_holds_the_safetensors_and_metadata_files_and_no_pickle(two_versions) -> None:
     storage, _ = two_versions
-    local, _ = resolve_model_uri("models:/vitbirds/1", storage_path=storage, cache_dir=tmp_path)
+    local, _ = fetch_registered("models:/vitbirds/1", storage)
     assert {p.name for p in local.iterdir()} == {"model.safetensors", "metadata.json"}
 
 
-def test_an_alias_resolves_to_the_version_it_points_to_and_its_files(
-    two_versions, tmp_path
-) -> None:
+def test_an_alias_resolves_to_the_version_it_points_to_and_its_files(two_versions) -> None:
     storage, _ = two_versions
-    local, version = resolve_model_uri(
-        "models:/vitbirds@challenger", storage_path=storage, cache_dir=tmp_path
-    )
+    local, version = fetch_registered("models:/vitbirds@challenger", storage)
     assert version.version == 2 and version.uri == "models:/vitbirds/2"
     assert load_model(local).metadata.version == "seed2"
 
 
-def test_a_resolved_version_keeps_its_files_when_the_alias_moves(two_versions, tmp_path) -> None:
+def test_a_resolved_version_keeps_its_files_when_the_alias_moves(two_versions) -> None:
     storage, registry = two_versions
     registry.set_alias("staging", 2)
-    before, pinned = resolve_model_uri(
-        "models:/vitbirds@staging", storage_path=storage, cache_dir=tmp_path
-    )
+    before, pinned = fetch_registered("models:/vitbirds@staging", storage)
     registry.set_alias("staging", 1)
-    again, _ = resolve_model_uri(pinned.uri, storage_path=storage, cache_dir=tmp_path)
-    now, moved = resolve_model_uri(
-        "models:/vitbirds@staging", storage_path=storage, cache_dir=tmp_path
-    )
+    again, _ = fetch_registered(pinned.uri, storage)
+    now, moved = fetch_registered("models:/vitbirds@staging", storage)
     assert again == before and load_model(again).metadata.version == "seed2"
     assert moved.version == 1 and load_model(now).metadata.version == "seed1"
 
@@ -110,13 +112,13 @@ def test_a_resolved_version_keeps_its_files_when_the_alias_moves(two_versions, t
 def test_a_missing_alias_is_a_model_file_error_naming_it(two_versions) -> None:
     storage, _ = two_versions
     with pytest.raises(ModelFileError, match="no alias 'champion'"):
-        resolve_model_uri("models:/vitbirds@champion", storage_path=storage)
+        fetch_registered("models:/vitbirds@champion", storage)
 
 
 def test_a_missing_version_is_a_model_file_error_naming_it(two_versions) -> None:
     storage, _ = two_versions
     with pytest.raises(ModelFileError, match="models:/vitbirds/9"):
-        resolve_model_uri("models:/vitbirds/9", storage_path=storage)
+        fetch_registered("models:/vitbirds/9", storage)
 
 
 @pytest.mark.parametrize(

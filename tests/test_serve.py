@@ -27,12 +27,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
-from serve.app import InputRejected, _check_write_token, _decode_rejection, _unavailable
+from serve.http_edge import InputRejected, check_write_token, decode_rejection, unavailable
 from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
 from serve.server_timing import parse_server_timing
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
+from vitbirds.data.sources import samples_for_model
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import (
     DecodeBudgetExceeded,
@@ -44,11 +45,7 @@ from vitbirds.errors import (
 )
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
-from vitbirds.monitoring.reference import (
-    build_reference_profile,
-    samples_for_model,
-    save_reference_profile,
-)
+from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 from vitbirds.precision import FP32, Precision, resolve_precision
 
 BODY_LIMIT = 2_000_000
@@ -344,7 +341,7 @@ HOSTILE = {
     ],
 )
 def test_an_unavailable_model_is_a_503_that_reveals_nothing_internal(error, reason):
-    response = _unavailable(error)
+    response = unavailable(error)
     body = json.loads(response.body)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert body["reason"] == reason and "retry shortly" in body["error"]
@@ -378,7 +375,7 @@ def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline
     ],
 )
 def test_each_decode_refusal_has_its_status_and_reason(error, status, reason):
-    rejection = _decode_rejection(error)
+    rejection = decode_rejection(error)
     assert (rejection.status, rejection.reason) == (status, reason)
     assert "<bytes>" not in rejection.message
 
@@ -536,15 +533,15 @@ def _request(authorization: str | None) -> Request:
 def test_write_token_when_set_refuses_requests_without_it(monkeypatch, authorization):
     monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
     with pytest.raises(InputRejected) as refused:
-        _check_write_token(_request(authorization))
+        check_write_token(_request(authorization))
     assert refused.value.status == 401 and refused.value.reason == "unauthorized"
 
 
 def test_write_token_when_set_admits_the_bearer_and_when_unset_everyone(monkeypatch):
     monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
-    _check_write_token(_request("Bearer s3cret"))
+    check_write_token(_request("Bearer s3cret"))
     monkeypatch.delenv(WRITE_TOKEN_ENV)
-    _check_write_token(_request(None))
+    check_write_token(_request(None))
 
 
 def test_feedback_with_an_unknown_label_is_refused(url):

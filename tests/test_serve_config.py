@@ -8,8 +8,8 @@ from serve.app import app
 from serve.schemas import MODEL_DIR_ENV, ServeSettings
 from serve.testing import make_model_dir
 from vitbirds.errors import ConfigError
-from vitbirds.model.versions import SNAPSHOT_ROOT_ENV, content_digest
-from vitbirds.paths import repo_root
+from vitbirds.lifecycle.store import content_digest
+from vitbirds.paths import CACHE_ENV, repo_root
 
 CONFIG = repo_root() / "serve" / "config.yaml"
 
@@ -63,7 +63,7 @@ def test_unknown_args_and_missing_model_are_config_errors(monkeypatch):
 
 def test_builder_resolves_one_model_version_for_the_three_deployments(monkeypatch, tmp_path):
     monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
-    monkeypatch.setenv(SNAPSHOT_ROOT_ENV, str(tmp_path / "snapshots"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     model_dir = make_model_dir(tmp_path / "latest", ["a", "b"])
     application = app({"model_dir": str(model_dir)})
     ingress = application._bound_deployment

@@ -41,8 +41,7 @@ from serve.testing import (
     slow_sender,
 )
 from vitbirds.model.files import LoadedModel, load_model
-from vitbirds.model.versions import SNAPSHOT_ROOT_ENV
-from vitbirds.paths import repo_root
+from vitbirds.paths import CACHE_ENV, repo_root
 
 SERVE = Path(sys.executable).parent / "serve"
 INGRESS_LIMITS = {"max_ongoing_requests": 8, "max_queued_requests": 8}
@@ -77,7 +76,7 @@ class ServeRun:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(SERVE_MODES[mode])
         env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
-        env[SNAPSHOT_ROOT_ENV] = str(work / "snapshots")
+        env[CACHE_ENV] = str(work / "cache")
         env["PYTHONUNBUFFERED"] = "1"  # the log shows how far a shutdown got, even if killed
         # Unix socket paths stay under HAProxy's 97 characters: a short directory, not tmp_path.
         self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))

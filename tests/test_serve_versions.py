@@ -13,8 +13,9 @@ from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offl
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from vitbirds.lifecycle.store import content_digest
 from vitbirds.model.files import load_model
-from vitbirds.model.versions import SNAPSHOT_ROOT_ENV, content_digest
+from vitbirds.paths import CACHE_ENV
 
 APP = "vitbirds-versions"
 CLASSIFIER_PREFIX = f"SERVE_REPLICA::{APP}#Classifier#"
@@ -44,7 +45,7 @@ def deployed(
     with pytest.MonkeyPatch.context() as patch:
         # The builder snapshots here; replicas are processes of the session's Ray, whose
         # environment was fixed when it started, so they find the snapshot by its path.
-        patch.setenv(SNAPSHOT_ROOT_ENV, str(work / "snapshots"))
+        patch.setenv(CACHE_ENV, str(work / "cache"))
         url = start_app(settings, deployment_options(0.1), name=APP)
     yield url, latest
     serve.delete(APP)

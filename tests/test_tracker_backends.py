@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vitbirds.errors import ConfigError
-from vitbirds.training.tracking import NullTracker, flatten, make_tracker
+from vitbirds.lifecycle.tracking import NullTracker, flatten, make_tracker
 
 
 def test_nested_configs_are_flattened_to_dotted_keys() -> None:

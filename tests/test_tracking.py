@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from vitbirds.lifecycle.tracking import default_mlflow_uri, make_tracker
 from vitbirds.ray_adapter.train import _Progress, format_epoch_line
-from vitbirds.training.tracking import default_mlflow_uri, make_tracker
 
 EPOCH = {
     "epoch": 3, "train_loss": 1.234, "train_top1": 0.5, "val_loss": 1.1, "val_top1": 0.625,

@@ -10,13 +10,13 @@ from safetensors.torch import save_file
 
 from jobs import train as train_cli
 from vitbirds.errors import ConfigError
+from vitbirds.lifecycle.tracking import default_mlflow_uri
 from vitbirds.model.files import load_model, read_metadata
 from vitbirds.monitoring.reference import load_reference_profile
 from vitbirds.precision import resolve_precision
 from vitbirds.presets import get_recipe
 from vitbirds.ray_adapter.train import TrainJob, run_training
 from vitbirds.training.runner import build_run_model
-from vitbirds.training.tracking import default_mlflow_uri
 
 
 @pytest.fixture(scope="module")

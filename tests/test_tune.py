@@ -131,7 +131,7 @@ def test_reproduce_command_names_the_best_trial_values(grid_sweep) -> None:
 def test_sweep_is_one_mlflow_parent_run_with_a_child_per_trial(grid_sweep) -> None:
     from mlflow.tracking import MlflowClient
 
-    from vitbirds.training.tracking import default_mlflow_uri
+    from vitbirds.lifecycle.tracking import default_mlflow_uri
 
     client = MlflowClient(default_mlflow_uri(grid_sweep["out"] / "runs"))
     experiment = client.get_experiment_by_name("vitbirds")

@@ -1,4 +1,4 @@
-"""Where things live: the checkout, the shared data, and where a job's outputs go.
+"""Where things live: the checkout, the shared data, the cache, and where a job's outputs go.
 
 Outputs (`--storage-path`, `--export-dir`, `--out`, `--summary`, ...) go through `output_path`, so
 the train, tune, evaluate and monitor jobs put them in the same place whether they run here
@@ -17,6 +17,8 @@ from pathlib import Path
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 HOME_ENV = "VITBIRDS_HOME"
 DEFAULT_HOME = "~/vitbirds"
+CACHE_ENV = "VITBIRDS_CACHE"
+DEFAULT_CACHE = "~/.cache/vitbirds"
 # Set by Ray's job supervisor for the entrypoint: the job's runtime_env (working_dir among it).
 _RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _RAY_WORKING_DIR_FOLDER = "working_dir_files"
@@ -35,6 +37,13 @@ def shared_data_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def cache_root() -> Path:
+    """`$VITBIRDS_CACHE` (default `~/.cache/vitbirds`): everything vitbirds fetches or generates
+    and can fetch or generate again: downloaded and registered models, deployment snapshots
+    (`vitbirds.lifecycle.store`) and synthetic datasets (`vitbirds.training.runner`)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def is_uri(path: str) -> bool:

@@ -14,10 +14,10 @@ from typing import Any
 
 from vitbirds.devices import DEVICES
 from vitbirds.errors import ConfigError
+from vitbirds.lifecycle.registry import DEFAULT_MODEL_NAME
+from vitbirds.lifecycle.tracking import TRACKERS
 from vitbirds.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from vitbirds.presets import PRESETS, get_recipe
-from vitbirds.training.registry import DEFAULT_MODEL_NAME
-from vitbirds.training.tracking import TRACKERS
 
 # The best small-data recipe that needs no teacher (README, "What accuracy to expect").
 DEFAULT_PRESET = "vit-cpu-small-data"

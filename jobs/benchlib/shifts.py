@@ -20,7 +20,13 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from vitbirds.data.loading import make_loaders
-from vitbirds.data.sources import DatasetSplits, Sample, discover_dataset, stratified_split
+from vitbirds.data.sources import (
+    DatasetSplits,
+    Sample,
+    class_key,
+    discover_dataset,
+    stratified_split,
+)
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import ConfigError
 from vitbirds.model.files import LoadedModel, load_model, save_model
@@ -31,7 +37,6 @@ from vitbirds.monitoring.reference import (
     Perturbation,
     ReferenceProfile,
     build_reference_profile,
-    class_key,
     model_outputs,
     save_reference_profile,
 )

@@ -17,6 +17,8 @@ import csv
 import hashlib
 import logging
 import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,33 @@ class DatasetSplits:
             "num_classes": len(self.classes),
             "sizes": {name: len(self.split(name)) for name in SPLITS},
         }
+
+
+def class_key(name: str) -> str:
+    """'BLACK-THROATED SPARROW' and 'Black_throated_Sparrow' -> 'blackthroatedsparrow': how a
+    dataset's class names meet a model's wherever a model is scored, so a Kaggle folder
+    ('BARN SWALLOW') checks a CUB-trained model ('Barn_Swallow')."""
+    return re.sub(r"[^a-z0-9]", "", name.casefold())
+
+
+def model_labels(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> dict[int, int]:
+    """Dataset label -> model output index, for the dataset classes the model knows (by
+    `class_key`)."""
+    index = {class_key(name): i for i, name in enumerate(model_classes)}
+    return {
+        label: index[class_key(name)]
+        for label, name in enumerate(dataset_classes)
+        if class_key(name) in index
+    }
+
+
+def samples_for_model(
+    samples: Sequence[Sample], dataset_classes: Sequence[str], model_classes: Sequence[str]
+) -> list[Sample]:
+    """The samples of classes the model knows, relabelled with the model's class indices;
+    the model cannot be right about the others, so they are left out."""
+    to_model = model_labels(dataset_classes, model_classes)
+    return [Sample(s.path, to_model[s.label]) for s in samples if s.label in to_model]
 
 
 def discover_dataset(

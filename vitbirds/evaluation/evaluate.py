@@ -37,10 +37,11 @@ from torchvision.transforms import v2
 
 from vitbirds.data.images import load_rgb
 from vitbirds.data.loading import ImageDataset, SkippedImage
-from vitbirds.data.sources import Sample
+from vitbirds.data.sources import Sample, model_labels
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import ConfigError, DataError
 from vitbirds.evaluation.metrics import ClassificationReport, ClassMetrics, classification_report
+from vitbirds.lifecycle.tracking import Tracker
 from vitbirds.model.explain import (
     HeadFusion,
     Method,
@@ -51,7 +52,6 @@ from vitbirds.model.explain import (
 from vitbirds.model.files import LoadedModel
 from vitbirds.precision import FP32, Precision
 from vitbirds.progress import default_progress
-from vitbirds.training.tracking import Tracker
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -234,16 +234,17 @@ def no_attention_reason(loaded: LoadedModel) -> str | None:
 def _label_mapping(
     dataset_classes: Sequence[str], model_classes: Sequence[str], samples: Sequence[Sample]
 ) -> dict[int, int]:
-    """Dataset label -> model output index, for the labels that occur in `samples`."""
-    index = {name: i for i, name in enumerate(model_classes)}
+    """Dataset label -> model output index, for the labels that occur in `samples` (names
+    matched by `vitbirds.data.sources.class_key`, as every scorer matches them)."""
+    known = model_labels(dataset_classes, model_classes)
     used = sorted({s.label for s in samples})
-    unknown = [dataset_classes[label] for label in used if dataset_classes[label] not in index]
+    unknown = [dataset_classes[label] for label in used if label not in known]
     if unknown:
         raise DataError(
             f"{len(unknown)} class(es) of the data are not among the model's "
             f"{len(model_classes)} classes, e.g. {unknown[:5]}"
         )
-    return {label: index[dataset_classes[label]] for label in used}
+    return {label: known[label] for label in used}
 
 
 def _overlays(

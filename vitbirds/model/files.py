@@ -169,32 +169,6 @@ def _check_model_dir(model_dir: Path) -> Path:
     return model_dir
 
 
-def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """A local directory for `uri`: a path as-is, or a `gs://`/`s3://` directory copied to a cache
-    (through pyarrow, which Ray already depends on)."""
-    if "://" not in uri:
-        return Path(uri)
-    import pyarrow.fs as pafs
-
-    cache = Path(cache_dir or Path.home() / ".cache" / "vitbirds" / "models")
-    target = cache / uri.split("://", 1)[1].strip("/").replace("/", "__")
-    if not (target / METADATA_FILE).is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        source_fs, source_path = pafs.FileSystem.from_uri(uri)
-        for name in (WEIGHTS_FILE, METADATA_FILE, *OPTIONAL_FILES):
-            if name in OPTIONAL_FILES and (
-                source_fs.get_file_info(f"{source_path}/{name}").type == pafs.FileType.NotFound
-            ):
-                continue
-            pafs.copy_files(
-                f"{source_path}/{name}",
-                str(target / name),
-                source_filesystem=source_fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
-    return target
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside DDP / torch.compile wrappers, so saved names carry no prefixes."""
     while True:

@@ -327,18 +327,6 @@ class VisionTransformer(nn.Module):
             attentions.append(weights)
         return self.forward_head(self.norm(x)), attentions
 
-    def reset_head(self, num_classes: int) -> None:
-        """A fresh classifier for another label set (fine-tuning from other weights)."""
-        self.config.num_classes = num_classes
-        device = self.head.weight.device
-        self.head = nn.Linear(self.config.dim, num_classes, device=device)
-        if self.head_dist is not None:
-            self.head_dist = nn.Linear(self.config.dim, num_classes, device=device)
-        for head in (self.head, self.head_dist):
-            if head is not None:
-                nn.init.trunc_normal_(head.weight, std=0.02)
-                nn.init.zeros_(head.bias)
-
 
 def resize_pos_embed(
     pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1

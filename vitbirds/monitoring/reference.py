@@ -20,7 +20,6 @@ Files in the model directory:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -252,26 +251,3 @@ def load_reference_profile(model_dir: str | Path) -> ReferenceProfile:
         )
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{model_dir}: unreadable reference profile ({error})") from error
-
-
-def class_key(name: str) -> str:
-    """'BLACK-THROATED SPARROW' and 'Black_throated_Sparrow' -> 'blackthroatedsparrow'."""
-    return re.sub(r"[^a-z0-9]", "", name.casefold())
-
-
-def samples_for_model(
-    samples: Sequence[Sample], dataset_classes: Sequence[str], model_classes: Sequence[str]
-) -> list[Sample]:
-    """The samples of classes the model knows, relabelled with the model's class indices.
-
-    Names match ignoring case, spaces, hyphens and underscores, so a Kaggle folder
-    ('BARN SWALLOW') checks a CUB-trained model ('Barn_Swallow'). Samples of other classes are
-    left out: the model cannot be right about them.
-    """
-    index = {class_key(name): i for i, name in enumerate(model_classes)}
-    to_model = {
-        label: index[class_key(name)]
-        for label, name in enumerate(dataset_classes)
-        if class_key(name) in index
-    }
-    return [Sample(s.path, to_model[s.label]) for s in samples if s.label in to_model]

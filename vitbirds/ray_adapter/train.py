@@ -48,6 +48,13 @@ from vitbirds.data.streaming import choose_data_mode
 from vitbirds.data.transforms import batch_mixer
 from vitbirds.devices import resolve_device
 from vitbirds.errors import ConfigError, VitbirdsError
+from vitbirds.lifecycle.registry import (
+    CHALLENGER,
+    RegisteredVersion,
+    register_export,
+    registry_uri,
+)
+from vitbirds.lifecycle.tracking import MlflowTracker, Tracker, make_tracker, tracker_hint
 from vitbirds.model.files import ModelMetadata, load_model, read_metadata
 from vitbirds.paths import is_uri
 from vitbirds.precision import resolve_precision
@@ -62,11 +69,6 @@ from vitbirds.training.loop import (
     save_checkpoint,
     seed_everything,
 )
-from vitbirds.training.registry import (
-    CHALLENGER,
-    ModelVersion,
-    register_export,
-)
 from vitbirds.training.runner import (
     build_metadata,
     build_run_model,
@@ -74,9 +76,9 @@ from vitbirds.training.runner import (
     data_label,
     fit_recipe_to_data,
     load_teacher,
+    pin_model_references,
     prepare_dataset,
 )
-from vitbirds.training.tracking import MlflowTracker, Tracker, make_tracker, tracker_hint
 
 if TYPE_CHECKING:
     from vitbirds.training.export import ExportedModel
@@ -432,10 +434,16 @@ def run_training(job: TrainJob) -> TrainOutcome:
     job = replace(job, recipe=fit_recipe_to_data(job.recipe, splits))
     logger.info("data: %s", data_label(splits))
     job = _resolve_data_mode(job, splits)
+    storage = _storage_path(job.storage_path)
+    init_from, teacher = pin_model_references(
+        job.init_from,
+        job.teacher,
+        tracking_uri=registry_uri(storage if not is_uri(storage) else "runs"),
+    )
+    job = replace(job, init_from=init_from, teacher=teacher)
     if job.teacher:
         check_teacher(job.teacher, splits.classes)  # here, before any worker starts
 
-    storage = _storage_path(job.storage_path)
     if is_uri(storage) and job.tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
         logger.warning("storage is %s: MLflow logs to ./runs (set MLFLOW_TRACKING_URI)", storage)
     tracker = make_tracker(
@@ -570,7 +578,7 @@ def _outcome(
     )
 
 
-def _register(job: TrainJob, tracker: Tracker, metadata: ModelMetadata) -> ModelVersion | None:
+def _register(job: TrainJob, tracker: Tracker, metadata: ModelMetadata) -> RegisteredVersion | None:
     """The logged model folder as the registry's new challenger (MLflow tracker only)."""
     if not (job.register and isinstance(tracker, MlflowTracker)):
         return None

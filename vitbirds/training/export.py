@@ -33,12 +33,12 @@ from vitbirds.evaluation.evaluate import (
     log_to_tracker,
     write_report,
 )
+from vitbirds.lifecycle.tracking import NullTracker, Tracker
 from vitbirds.model.files import METADATA_FILE, LoadedModel, ModelMetadata, save_model
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 from vitbirds.paths import is_uri
 from vitbirds.precision import FP32, Precision
 from vitbirds.training.runner import data_label
-from vitbirds.training.tracking import NullTracker, Tracker
 
 MODEL_FOLDER = "model"
 EVALUATION_FOLDER = "evaluation"

@@ -19,9 +19,11 @@ from vitbirds.data.sources import DatasetSplits, discover_dataset
 from vitbirds.data.synthetic import GENERATOR_VERSION, make_synthetic_dataset
 from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vitbirds.errors import ConfigError
-from vitbirds.model.files import ModelMetadata, fetch_model_dir, load_model, read_metadata
+from vitbirds.lifecycle.store import fetch_model
+from vitbirds.model.files import WEIGHTS_FILE, ModelMetadata, load_model, read_metadata
 from vitbirds.model.pretrained import init_from_timm
 from vitbirds.model.vit import build_model
+from vitbirds.paths import cache_root
 from vitbirds.precision import FP32, Precision
 from vitbirds.presets import Recipe
 
@@ -30,11 +32,6 @@ logger = logging.getLogger(__name__)
 # Size of the generated dataset when the user names neither: 6 species, 60 images each.
 SYNTHETIC_CLASSES = 6
 SYNTHETIC_IMAGES_PER_CLASS = 60
-
-
-def default_cache_dir() -> Path:
-    """`$VITBIRDS_CACHE`, else ~/.cache/vitbirds: where generated data is kept between runs."""
-    return Path(os.environ.get("VITBIRDS_CACHE", Path.home() / ".cache" / "vitbirds"))
 
 
 def prepare_dataset(
@@ -54,7 +51,7 @@ def prepare_dataset(
             seed=data_cfg.seed,
             valid_fraction=data_cfg.valid_fraction,
         )
-    root = synthetic_dataset(data_cfg, Path(cache_dir or default_cache_dir()))
+    root = synthetic_dataset(data_cfg, Path(cache_dir or cache_root()))
     if announce:
         logger.warning(
             "SYNTHETIC DATA: no data directory given, using generated synthetic birds at %s "
@@ -99,17 +96,48 @@ def fit_recipe_to_data(recipe: Recipe, splits: DatasetSplits) -> Recipe:
 
 
 def build_run_model(recipe: Recipe, init_from: str | Path | None = None) -> nn.Module:
-    """The recipe's ViT, optionally starting from a timm checkpoint the user has on disk."""
+    """The recipe's ViT, optionally starting from weights: a timm ViT `.safetensors` file the
+    user has on disk, or a vitbirds ViT named by any model reference (fine-tuning the champion);
+    the classifier is fresh when the class count differs."""
     model = build_model(recipe.model)
     if init_from is not None:
-        init_from_timm(model, init_from)
+        init_from_timm(model, starting_weights(init_from))
     return model
+
+
+def starting_weights(init_from: str | Path) -> Path:
+    """The `.safetensors` file `--init-from` names: itself, or a ViT model's weights file."""
+    path = Path(init_from)
+    if path.suffix == ".safetensors":
+        return path
+    model_dir = fetch_model(init_from).path
+    architecture = read_metadata(model_dir).architecture
+    if architecture != "vit":
+        raise ConfigError(
+            f"--init-from {init_from} is a {architecture} model; a ViT can start from a ViT only"
+        )
+    return model_dir / WEIGHTS_FILE
+
+
+def pin_model_references(
+    init_from: str | None, teacher: str | None, *, tracking_uri: str | None = None
+) -> tuple[str | None, str | None]:
+    """`--init-from` and `--teacher` as every worker can fetch them: each model reference fetched
+    once here (a bad one fails before any worker starts) and replaced by the files it names now,
+    so an alias moved mid-run cannot give workers different weights."""
+
+    def pin(reference: str | None) -> str | None:
+        if reference is None or Path(reference).suffix == ".safetensors":
+            return reference
+        return fetch_model(reference, tracking_uri=tracking_uri).location
+
+    return pin(init_from), pin(teacher)
 
 
 def check_teacher(model_dir: str, class_names: list[str]) -> None:
     """Refuses a distillation teacher whose outputs are not this dataset's classes in this order:
     its argmax would then name the wrong species, silently."""
-    teacher_classes = read_metadata(fetch_model_dir(model_dir)).class_names
+    teacher_classes = read_metadata(fetch_model(model_dir).path).class_names
     if teacher_classes != list(class_names):
         shared = len(set(teacher_classes) & set(class_names))
         raise ConfigError(
@@ -120,7 +148,7 @@ def check_teacher(model_dir: str, class_names: list[str]) -> None:
 
 def load_teacher(model_dir: str, class_names: list[str], device: torch.device) -> nn.Module:
     """The frozen classifier a distilled run learns from (e.g. a ResNet-18 model directory)."""
-    local = fetch_model_dir(model_dir)  # a gs:// teacher is copied once, then read locally
+    local = fetch_model(model_dir).path  # a gs:// teacher is copied once per node
     check_teacher(str(local), class_names)
     return load_model(local, device=device).model
 

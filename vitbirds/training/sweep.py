@@ -26,10 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ConfigError
+from vitbirds.lifecycle.tracking import Tracker
 from vitbirds.model.vit import build_model, count_parameters
 from vitbirds.presets import Recipe
 from vitbirds.settings import RecipeSettings, RunSettings, preset_default, setting
-from vitbirds.training.tracking import Tracker
 
 METRIC = "val_top1"  # what ASHA stops on and the table is sorted by (higher is better)
 SEARCHES = ("grid", "random", "optuna")

@@ -8,10 +8,11 @@ aliases say which version does what.
   when it is read, so a deployment pins what it resolved: a later promotion changes nothing under
   a running replica until it is redeployed.
 
-The registry is the MLflow tracking store (`vitbirds.training.tracking`): the SQLite store under
+The registry is the MLflow tracking store (`vitbirds.lifecycle.tracking`): the SQLite store under
 the storage path, or MLFLOW_TRACKING_URI for a shared server. A version's source is its training
 run's `model/` artifact folder (model.safetensors, metadata.json and the monitoring reference
 profile): plain files, no pickle or pyfunc flavour, loaded with `vitbirds.model.files.load_model`.
+Entry points fetch a version through the model store (`vitbirds.lifecycle.store.fetch_model`).
 """
 
 import os
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from vitbirds.errors import ConfigError, ModelFileError
+from vitbirds.lifecycle.tracking import default_mlflow_uri
 from vitbirds.model.files import METADATA_FILE, ModelMetadata
-from vitbirds.training.tracking import default_mlflow_uri
+from vitbirds.paths import cache_root
 
 DEFAULT_MODEL_NAME = "vitbirds"
 CHALLENGER = "challenger"
@@ -48,7 +50,7 @@ class ModelUri:
 
 
 @dataclass(frozen=True)
-class ModelVersion:
+class RegisteredVersion:
     """One registered version, as the registry knows it."""
 
     name: str
@@ -129,7 +131,7 @@ class Registry:
         artifact_path: str = MODEL_ARTIFACT,
         tags: Mapping[str, str] | None = None,
         alias: str | None = CHALLENGER,
-    ) -> ModelVersion:
+    ) -> RegisteredVersion:
         """A new version from the run's logged model folder, with `alias` moved onto it."""
         from mlflow.exceptions import MlflowException
 
@@ -148,7 +150,7 @@ class Registry:
             self.set_alias(alias, int(created.version))
         return self.get(int(created.version))
 
-    def get(self, version: int) -> ModelVersion:
+    def get(self, version: int) -> RegisteredVersion:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -159,7 +161,7 @@ class Registry:
             ) from error
         return _version(found)
 
-    def by_alias(self, alias: str) -> ModelVersion | None:
+    def by_alias(self, alias: str) -> RegisteredVersion | None:
         """The version `alias` points to; None when the alias (or the model) does not exist."""
         from mlflow.exceptions import MlflowException
 
@@ -170,7 +172,7 @@ class Registry:
                 return None
             raise
 
-    def resolve(self, uri: ModelUri) -> ModelVersion:
+    def resolve(self, uri: ModelUri) -> RegisteredVersion:
         if uri.version is not None:
             return self.get(uri.version)
         found = self.by_alias(uri.alias or "")
@@ -189,13 +191,13 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(version), key, str(value))
 
-    def download(self, version: ModelVersion, cache_dir: str | Path | None = None) -> Path:
+    def download(self, version: RegisteredVersion, cache_dir: str | Path | None = None) -> Path:
         """A local copy of the version's model directory, kept per version (versions never
         change), written beside the cache entry and renamed in so readers never see half."""
         import mlflow.artifacts
 
         store = sha256(self.tracking_uri.encode()).hexdigest()[:12]
-        root = Path(cache_dir or Path.home() / ".cache" / "vitbirds" / "registry")
+        root = Path(cache_dir or cache_root() / "registry")
         target = root / store / version.name / str(version.version)
         if (target / METADATA_FILE).is_file():
             return target
@@ -222,8 +224,8 @@ class Registry:
         return target
 
 
-def _version(found: Any) -> ModelVersion:
-    return ModelVersion(
+def _version(found: Any) -> RegisteredVersion:
+    return RegisteredVersion(
         name=found.name,
         version=int(found.version),
         source=found.source,
@@ -233,27 +235,12 @@ def _version(found: Any) -> ModelVersion:
     )
 
 
-def resolve_model_uri(
-    uri: str,
-    *,
-    tracking_uri: str | None = None,
-    storage_path: str | Path = "runs",
-    cache_dir: str | Path | None = None,
-) -> tuple[Path, ModelVersion]:
-    """`models:/vitbirds@champion` or `models:/vitbirds/3` -> (local model directory, the one
-    version it resolved to). Serve calls it once at deploy and pins `version.uri`."""
-    parsed = parse_model_uri(uri)
-    registry = Registry(registry_uri(storage_path, tracking_uri), parsed.name)
-    version = registry.resolve(parsed)
-    return registry.download(version, cache_dir), version
-
-
 def register_export(
     tracking_uri: str,
     run_id: str,
     metadata: ModelMetadata,
     *,
     name: str = DEFAULT_MODEL_NAME,
-) -> ModelVersion:
+) -> RegisteredVersion:
     """Registers the model folder a training run logged as the new `challenger`."""
     return Registry(tracking_uri, name).register(run_id, tags=version_tags(metadata))

@@ -31,19 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.benchlib.data import add_data_argument, require_data
 from jobs.benchlib.report import report, target
-from vitbirds.data import IMAGENET_MEAN, IMAGENET_STD, batch_mixer, discover_dataset, make_loaders
+from vitbirds.data import IMAGENET_MEAN, IMAGENET_STD, discover_dataset
 from vitbirds.data.sources import DatasetSplits
 from vitbirds.errors import ConfigError
 from vitbirds.lifecycle.store import fetch_model
-from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import ModelMetadata, read_metadata, save_model
-from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.paths import repo_root
 from vitbirds.precision import PRECISIONS, Precision, resolve_precision
 from vitbirds.presets import Recipe, get_recipe
 from vitbirds.settings import RunSettings
-from vitbirds.training.loop import TrainingRun, fit, seed_everything
-from vitbirds.training.runner import load_teacher
+from vitbirds.training.runner import load_teacher, train_in_process
 
 DEFAULT_RECIPE = "vit-cpu-distilled"
 RESNET_RECIPE = "vit-cpu"  # its data and training settings; the model is the ResNet-18
@@ -51,14 +50,8 @@ RATIO_GOAL = 0.85
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    default_data = shared_data_dir()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data / "cub100" if default_data else None,
-        help="an ImageFolder or Kaggle-layout dataset (default: ../shared/data/cub100)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="the ViT preset")
@@ -90,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"compute precision of both models (default: {RunSettings.precision}: bf16 where "
         "the device runs it natively, else fp32)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_data(parser, args.data_dir)
+    return args
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -121,20 +116,7 @@ def train_one(
     precision: Precision,
     teacher: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Trains one classifier through the shared pipeline, saves its model dir, returns metrics."""
-    recipe.model.num_classes = len(splits.classes)
-    seed_everything(recipe.train.seed)
-    train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
-    model = build_classifier(architecture, recipe.model).to(device)
-    run = TrainingRun(
-        model,
-        recipe.train,
-        steps_per_epoch=len(train_loader),
-        device=device,
-        mixer=batch_mixer(recipe.data, recipe.model.num_classes),
-        teacher=teacher,
-        precision=precision,
-    )
+    """Trains one classifier in this process, saves its model dir, returns metrics."""
 
     def progress(metrics: dict[str, float]) -> None:
         print(
@@ -145,8 +127,13 @@ def train_one(
         )
 
     started = time.perf_counter()
-    history = fit(run, train_loader, valid_loader, on_epoch_end=progress)
+    trained = train_in_process(
+        recipe, splits, architecture=architecture, device=device, precision=precision,
+        teacher=teacher, on_epoch_end=progress,
+    )  # fmt: skip
     wall = time.perf_counter() - started
+    run, history, recipe = trained.run, trained.history, trained.recipe
+    model = run.model
     final = history[-1]
     result = {
         "architecture": architecture,
@@ -165,7 +152,7 @@ def train_one(
         },
     }
     if run.ema is not None:  # the raw weights too, so one run measures what EMA adds
-        result["val_top1_raw"] = run.evaluate(valid_loader, model=run.model)["val_top1"]
+        result["val_top1_raw"] = run.evaluate(trained.valid_loader, model=run.model)["val_top1"]
     metadata = ModelMetadata(
         model=recipe.model.to_dict(),
         architecture=architecture,
@@ -190,8 +177,6 @@ def train_one(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.data_dir is None:
-        raise SystemExit("no dataset: pass --data-dir or set VITBIRDS_DATA")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)

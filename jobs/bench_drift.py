@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.benchlib.data import CUB, KAGGLE_VALID, add_data_argument, require_data
 from jobs.benchlib.report import report, target
 from jobs.benchlib.shifts import (
     SHIFTS,
@@ -50,7 +51,7 @@ from vitbirds.monitoring.reference import (
     image_dataset,
     load_reference_profile,
 )
-from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.paths import repo_root
 from vitbirds.presets import get_recipe
 
 STRENGTHS = (0.25, 0.5, 1.0)
@@ -59,11 +60,10 @@ STRONG_DETECTION_GOAL = 1.0  # non-OK verdicts on the strongest version of each 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    data = shared_data_dir()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cub-dir", type=Path, default=data / "cub100" if data else None)
-    parser.add_argument(
-        "--other-dir", type=Path, default=data / "kaggle-birds525-valid" if data else None,
+    add_data_argument(parser, CUB, flag="--cub-dir", help="the subject's photos")
+    add_data_argument(
+        parser, KAGGLE_VALID, flag="--other-dir",
         help="photos of the same species from another source",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=repo_root() / "runs" / "drift-bench")
@@ -80,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset-size", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--retrain", action="store_true", help="ignore a cached model in --out")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_data(parser, args.cub_dir, "--cub-dir")
+    require_data(parser, args.other_dir, "--other-dir")
+    return args
 
 
 def subject(args: argparse.Namespace) -> Subject:
@@ -132,8 +135,6 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.cub_dir is None or args.other_dir is None:
-        raise SystemExit("no data: pass --cub-dir and --other-dir or set VITBIRDS_DATA")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     subj = subject(args)

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,50 +44,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray import serve
 
-from jobs.benchlib.mutate import mutations, seed_images
+from jobs.benchlib.data import add_data_argument, require_data
+from jobs.benchlib.mutate import encode, mutations, png_header_only, seed_images
 from jobs.benchlib.report import report, target
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sandbox import DecodePool
 from vitbirds.errors import ImageDecodeError
-from vitbirds.paths import shared_data_dir
 
 SHORT_SIDE = 258  # the vit-cpu/vit-test decode size: 224 * 1.15
 GIB = 1024**3
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
-
-
-def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def hostile_files() -> dict[str, bytes]:
-    """Hand-made files of the kinds issue 15 reports."""
-    rle = bytearray(_encode(Image.new("P", (64, 64)), "BMP"))
+    """Hand-made hostile files: declared-size bombs, extreme aspect ratios, refused formats and
+    a flat 64 MP image."""
+    rle = bytearray(encode(Image.new("P", (64, 64)), "BMP"))
     rle[30:34] = struct.pack("<I", 1)
     return {
-        "aspect_1x5M_png": _png_header_only(1, 5_000_000),
-        "aspect_60Mx1_png": _png_header_only(60_000_000, 1),
-        "declared_40000x40000_png": _png_header_only(40_000, 40_000),
-        "declared_8500x8500_png": _png_header_only(8500, 8500),
+        "aspect_1x5M_png": png_header_only(1, 5_000_000),
+        "aspect_60Mx1_png": png_header_only(60_000_000, 1),
+        "declared_40000x40000_png": png_header_only(40_000, 40_000),
+        "declared_8500x8500_png": png_header_only(8500, 8500),
         "rle8_bmp": bytes(rle),
         "fits": b"SIMPLE  =                    T" + b" " * 2850,
-        "flat_64MP_png": _encode(Image.new("RGB", (8000, 8000), (30, 90, 40)), "PNG"),
+        "flat_64MP_png": encode(Image.new("RGB", (8000, 8000), (30, 90, 40)), "PNG"),
     }
 
 
@@ -208,14 +189,18 @@ class RssSampler:
 
 
 def bench_service(
-    items: list[tuple[str, str, bytes]], photo: bytes, uploads: int, normal_every: int, seed: int
+    items: list[tuple[str, str, bytes]],
+    photo: bytes,
+    classes: list[str],
+    uploads: int,
+    normal_every: int,
+    seed: int,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     chosen = [i for i in items if i[1] == "hostile"]
     chosen += rng.sample(items, min(len(items), uploads - len(chosen)))
     rng.shuffle(chosen)
     work = Path(tempfile.mkdtemp(prefix="bench_fuzz_"))
-    classes = photo_classes(shared_data_dir() / "cub100" / "valid")
     model_dir = make_model_dir(work / "model", classes)
     settings = ServeSettings(
         model_dir=str(model_dir), prediction_log=str(work / "predictions.jsonl"), drift_interval_s=0
@@ -289,9 +274,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=20, help="real photos used as seeds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-service", action="store_true")
+    add_data_argument(parser, help="real photos (its valid split) seeding the mutations")
     args = parser.parse_args()
 
-    valid = shared_data_dir() / "cub100" / "valid"
+    valid = require_data(parser, args.data_dir) / "valid"
     photos = [
         sorted((valid / name).glob("*.jpg"))[0].read_bytes()
         for name in photo_classes(valid)[: args.photos]
@@ -307,8 +293,9 @@ def main() -> None:
     if not args.skip_service:
         try:
             service = bench_service(
-                items, photos[0], args.service_uploads, args.normal_every, args.seed
-            )
+                items, photos[0], photo_classes(valid), args.service_uploads, args.normal_every,
+                args.seed,
+            )  # fmt: skip
         except Exception as error:  # e.g. Ray cannot start on an overloaded machine: say so
             results["service"] = {"not_run": f"{type(error).__name__}: {error}"}
     if service is not None:

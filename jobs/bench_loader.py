@@ -19,11 +19,11 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.benchlib.data import add_data_argument, require_data
 from jobs.benchlib.report import report, target
 from vitbirds.config import DataConfig
 from vitbirds.data import ImageDataset, Sample, discover_dataset, load_rgb, train_transform
 from vitbirds.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD
-from vitbirds.paths import shared_data_dir
 
 
 class NaiveDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -64,21 +64,14 @@ def timed_epoch(loader: DataLoader) -> float:
 
 
 def main() -> None:
-    shared = shared_data_dir()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=shared / "cub100" if shared else None,
-        help="dataset root (default: ../shared/data/cub100)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--images-per-class", type=int, default=None, help="default: all")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    if args.data_dir is None:
-        parser.error("no shared data found: pass --data-dir")
+    require_data(parser, args.data_dir)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.benchlib.report import report, target
 from vitbirds.config import ModelConfig
+from vitbirds.model.pretrained import timm_twin
 from vitbirds.model.vit import VisionTransformer
 from vitbirds.precision import FP32, Precision, fast_bf16, resolve_precision
 from vitbirds.presets import PRESETS, get_recipe
@@ -77,21 +78,6 @@ Step = Callable[[], None]
 # glibc reads these when a process starts: blocks under 32 MB come from the heap, and freed heap
 # memory stays mapped for the next step instead of being returned and page-faulted back in.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
-
-
-def timm_twin(config: ModelConfig) -> torch.nn.Module:
-    import timm
-
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.dim,
-        depth=config.depth,
-        num_heads=config.heads,
-        mlp_ratio=config.mlp_ratio,
-        num_classes=config.num_classes,
-        drop_path_rate=config.drop_path,
-    )
 
 
 def make_steps(

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.benchlib.data import add_data_argument, require_data
 from jobs.benchlib.report import report, target
 from vitbirds.data import ImageDataset, discover_dataset, eval_transform
 from vitbirds.data.sources import SPLITS, model_labels
@@ -31,12 +32,10 @@ from vitbirds.evaluation.agreement import (
 )
 from vitbirds.lifecycle.store import fetch_model
 from vitbirds.model.files import load_model
-from vitbirds.paths import shared_data_dir
 from vitbirds.precision import FP32, resolve_precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    shared = shared_data_dir()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -45,22 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", required=True, help="a model or run directory, gs://..., or models:/..."
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=shared / "cub100" if shared else None,
-        help="photos of the model's classes (default: ../shared/data/cub100 or $VITBIRDS_DATA)",
-    )
+    add_data_argument(parser, help="photos of the model's classes")
     parser.add_argument("--split", choices=SPLITS, default="valid")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_data(parser, args.data_dir)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.data_dir is None:
-        raise SystemExit("no photos: pass --data-dir or set VITBIRDS_DATA")
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(fetch_model(args.model).path)

@@ -19,7 +19,7 @@ Three systems answer the same multipart uploads of real JPEGs (../shared/data/cu
 
 Each runs at concurrency 1, 8 and 32 for `--seconds` after a warm-up; /explain is timed at
 concurrency 1 beside /predict; then `--slow-senders` clients (140) connect and trickle their
-bodies a byte a second while normal photos are sent one at a time, as issue 15's attacker did.
+bodies a byte a second while normal photos are sent one at a time (a slow-client attack).
 The model is a `--preset` with random weights: speed does not depend on what the weights say.
 Targets (at concurrency 32): Serve >= 0.6x limit and >= 1.5x naive, or, with a model that
 dominates (vit-s16), >= 0.8x limit and >= 1.0x naive; /explain p50 <= 2x /predict p50; a lone
@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray import serve
 
+from jobs.benchlib.data import add_data_argument, require_data
 from jobs.benchlib.report import report, target
 from serve.inference import BatchPredictor, ImagePreprocessor, top_k
 from serve.schemas import ServeSettings
@@ -76,7 +77,7 @@ from serve.testing import (
     start_app,
 )
 from vitbirds.model.files import load_model
-from vitbirds.paths import repo_root, shared_data_dir
+from vitbirds.paths import repo_root
 from vitbirds.precision import PRECISIONS, Precision, resolve_precision
 
 CONFIG = repo_root() / "serve" / "config.yaml"
@@ -479,6 +480,7 @@ def main() -> None:
         help="of the Classifier replicas, the naive servers and the limit alike "
         f"(default: {ServeSettings.precision})",
     )
+    add_data_argument(parser, help="real photos (its valid split) sent as uploads")
     parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--serve-child", choices=list(SERVE_MODES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -493,10 +495,7 @@ def main() -> None:
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1: /explain is compared at concurrency 1")
 
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("bench_serve needs real photos: set VITBIRDS_DATA or place ../shared/data")
-    valid = data / "cub100" / "valid"
+    valid = require_data(parser, args.data_dir) / "valid"
     photos = load_photos(valid, args.photos)
     if args.serve_child:
         serve_child(args, photos)

@@ -25,11 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.benchlib.report import report, target
-from vitbirds.data.loading import make_loaders
-from vitbirds.data.transforms import batch_mixer
 from vitbirds.presets import PRESETS, Recipe, get_recipe
-from vitbirds.training.loop import TrainingRun, fit, seed_everything
-from vitbirds.training.runner import build_run_model, fit_recipe_to_data, prepare_dataset
+from vitbirds.training.runner import fit_recipe_to_data, prepare_dataset, train_in_process
 
 
 def steady_images_per_s(history: list[dict[str, float]]) -> float:
@@ -39,16 +36,7 @@ def steady_images_per_s(history: list[dict[str, float]]) -> float:
 
 def plain_loop(recipe: Recipe, splits, threads: int) -> float:
     torch.set_num_threads(threads)
-    seed_everything(recipe.train.seed)
-    train, valid, _ = make_loaders(replace(splits, test=[]), recipe.data, recipe.train)
-    run = TrainingRun(
-        build_run_model(recipe),
-        recipe.train,
-        steps_per_epoch=len(train),
-        device=torch.device("cpu"),
-        mixer=batch_mixer(recipe.data, recipe.model.num_classes),
-    )
-    return steady_images_per_s(fit(run, train, valid))
+    return steady_images_per_s(train_in_process(recipe, splits).history)
 
 
 def ray_train(recipe: Recipe, storage: str, workers: int, cpus: int, cache_dir: str):

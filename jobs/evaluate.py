@@ -21,12 +21,12 @@ Exit status: 0 on success, 2 for a usage error (missing model, data or split, ba
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.cli import start_job
 from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.data.synthetic import load_mask
 from vitbirds.devices import DEVICE_CHOICES, resolve_device
@@ -36,7 +36,7 @@ from vitbirds.lifecycle.registry import registry_uri
 from vitbirds.lifecycle.store import fetch_model
 from vitbirds.lifecycle.tracking import make_tracker, tracker_hint
 from vitbirds.model.files import LoadedModel, load_model
-from vitbirds.paths import output_note, output_path
+from vitbirds.paths import output_path
 from vitbirds.precision import resolve_precision
 from vitbirds.settings import RunSettings, add_arguments
 from vitbirds.training.export import evaluate_and_report
@@ -135,10 +135,7 @@ def load_split(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    note = output_note()
-    if note:
-        print(note, flush=True)
+    start_job()
     try:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)

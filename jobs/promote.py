@@ -21,7 +21,6 @@ Exit status: 0 promoted (or the challenger already is the champion), 3 refused, 
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs.cli import start_job
 from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.devices import resolve_device
 from vitbirds.errors import DataError, VitbirdsError
@@ -243,7 +243,7 @@ def describe(decision: Decision) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start_job()
     try:
         GateConfig(args.margin, args.confidence, args.resamples, args.seed)  # flags checked first
         if args.max_images is not None and args.max_images < 1:

@@ -21,36 +21,29 @@ missing device or data), 1 if training failed.
 import argparse
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitbirds.config import DATA_MODES
+from jobs.cli import start_job
 from vitbirds.errors import ConfigError, VitbirdsError
-from vitbirds.paths import output_note, output_path
-from vitbirds.presets import Recipe, get_recipe
+from vitbirds.paths import output_path
+from vitbirds.presets import Recipe
 from vitbirds.settings import (
     RecipeSettings,
     TrainSettings,
     add_arguments,
-    preset_default,
+    add_recipe_arguments,
+    preset_with_overrides,
     presets_table,
 )
 
-# Flags that write over the preset: (flag, recipe section, field, help).
-RECIPE_FLAGS = (
-    ("--epochs", "train", "epochs", int, "epochs to train"),
-    ("--batch-size", "train", "batch_size", int, "global batch, split across the workers"),
-    ("--lr", "train", "lr", float, "peak learning rate (warmup, then cosine decay)"),
-    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
-    ("--depth", "model", "depth", int, "transformer blocks"),
-    ("--dim", "model", "dim", int, "embedding width"),
-    ("--heads", "model", "heads", int, "attention heads (must divide --dim)"),
-    ("--patch-size", "model", "patch_size", int, "patch side (must divide the image size)"),
-    ("--seed", "train", "seed", int, "seed of the data split, the init and the augmentation"),
-)
+# The recipe flags of a training run, in --help order (vitbirds.settings.RECIPE_FLAGS).
+TRAINING_FLAGS = (
+    "epochs", "batch_size", "lr", "weight_decay", "depth", "dim", "heads", "patch_size", "seed",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,18 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     add_arguments(data, RecipeSettings, ["data_dir", "num_classes", "images_per_class"])
     add_arguments(data, TrainSettings, ["cache_dir"])
-    data.add_argument(
-        "--data-mode", choices=DATA_MODES,
-        help="cache: decode once into memory; stream: decode each worker's shard every epoch "
-        "(memory flat in the dataset size); auto: cache when it fits the memory budget "
-        f"(default: {preset_default('data', 'data_mode')})",
-    )  # fmt: skip
+    add_recipe_arguments(data, ["data_mode"])
     train = parser.add_argument_group("training (flags write over the preset's values)")
-    for flag, section, name, kind, text in RECIPE_FLAGS:
-        train.add_argument(
-            flag, type=kind, metavar="N" if kind is int else "X",
-            help=f"{text} (default: {preset_default(section, name)})",
-        )  # fmt: skip
+    add_recipe_arguments(train, TRAINING_FLAGS)
     add_arguments(train, TrainSettings, ["init_from", "teacher"])
     ray_group = parser.add_argument_group("Ray")
     add_arguments(ray_group, TrainSettings, ["num_workers", "device", "precision"])
@@ -104,25 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The preset with the flags the user gave written over it (and validated again)."""
-    recipe = get_recipe(args.preset)
-
-    def given(**values: object) -> dict[str, object]:
-        return {name: value for name, value in values.items() if value is not None}
-
-    data = given(
-        data_dir=absolute(args.data_dir), num_classes=args.num_classes,
-        images_per_class=args.images_per_class, seed=args.seed, data_mode=args.data_mode,
-    )  # fmt: skip
-    train = given(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed,
-    )  # fmt: skip
-    model = given(depth=args.depth, dim=args.dim, heads=args.heads, patch_size=args.patch_size)
-    return Recipe(
-        model=replace(recipe.model, **model),
-        data=replace(recipe.data, **data),
-        train=replace(recipe.train, **train, device=device_of(args)),
-        preset=args.preset,
+    given = {name: getattr(args, name) for name in (*TRAINING_FLAGS, "data_mode")}
+    return preset_with_overrides(
+        args.preset,
+        {
+            **given,
+            "data_dir": absolute(args.data_dir),
+            "num_classes": args.num_classes,
+            "images_per_class": args.images_per_class,
+            "device": device_of(args),
+        },
     )
 
 
@@ -142,7 +117,7 @@ def device_of(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Our INFO lines, everyone else's (MLflow's database set-up, Ray's) from WARNING up.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start_job()
     logging.getLogger("vitbirds").setLevel(logging.INFO)
     try:
         from vitbirds.ray_adapter import train as ray_train
@@ -156,29 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         local = ray_train.cluster_is_local()
         # Before starting Ray: a missing GPU is a usage error, not a hung placement group.
         ray_train.check_device(recipe.train.device, local=local)
-        note = output_note()
-        if note:
-            print(note, flush=True)
         ray_train.connect()
-        job = ray_train.TrainJob(
-            recipe=recipe,
-            run_name=args.run_name or f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
+        # Every TrainSettings field is a flag of the same name; outputs go where jobs write.
+        settings = {spec.name: getattr(args, spec.name) for spec in fields(TrainSettings)}
+        settings.update(
             storage_path=output_path(args.storage_path),
-            num_workers=args.num_workers,
-            device=recipe.train.device,
-            precision=args.precision,
-            cpus_per_worker=args.cpus_per_worker
-            or ray_train.default_cpus_per_worker(args.num_workers, local=local),
-            max_failures=args.max_failures,
-            keep_checkpoints=args.keep_checkpoints,
-            init_from=args.init_from,
-            teacher=output_path(args.teacher),
-            tracker=args.tracker,
-            evaluate=args.evaluate,
-            register=args.register,
-            registered_model=args.registered_model,
             export_dir=output_path(args.export_dir),
             cache_dir=output_path(args.cache_dir),
+            device=recipe.train.device,
+            cpus_per_worker=args.cpus_per_worker
+            or ray_train.default_cpus_per_worker(args.num_workers, local=local),
+        )
+        job = ray_train.TrainJob(
+            **settings,
+            recipe=recipe,
+            run_name=args.run_name or f"{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
         )
         print(
             f"run {job.run_name}: {args.preset}, {job.num_workers} worker(s) on {job.device}, "

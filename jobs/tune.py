@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs import train as train_job
+from jobs.cli import start_job
 from vitbirds.errors import ConfigError, VitbirdsError
 from vitbirds.lifecycle.tracking import make_tracker, tracker_hint
-from vitbirds.paths import output_note, output_path
+from vitbirds.paths import output_path
 from vitbirds.presets import Recipe
 from vitbirds.settings import DEFAULT_PRESET, add_arguments, presets_table
 from vitbirds.training.sweep import (
@@ -223,7 +224,7 @@ def sample_point(sweep: SweepConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_job(logging.INFO)
     try:
         from vitbirds.ray_adapter import train as ray_train
         from vitbirds.ray_adapter import tune as ray_tune
@@ -234,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         check_reproducible(sweep, base, sample_point(sweep))
         check_space(base, sweep.space)
         ray_train.check_device(sweep.device, local=ray_train.cluster_is_local())
-        note = output_note()
-        if note:
-            print(note, flush=True)
         ray_train.connect()
         splits = prepare_dataset(base.data, sweep.cache_dir)
         fitted = fit_recipe_to_data(base, splits)

@@ -20,16 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from vitbirds.errors import DataError, ModelFileError
-from vitbirds.monitoring.assess import (
-    MonitorConfig,
-    Observations,
-    assess,
-    headline_gauges,
-    parse_window,
-    recent,
-)
+from vitbirds.monitoring.assess import MonitorConfig, Observations, headline_gauges, parse_window
 from vitbirds.monitoring.predictions import read_recent
 from vitbirds.monitoring.reference import ReferenceProfile, load_reference_profile
+from vitbirds.monitoring.run import log_verdict
 
 logger = logging.getLogger("ray.serve")
 
@@ -123,8 +117,8 @@ class DriftWatcher:
         except DataError as error:  # nothing of this model version logged yet
             self.latest = {"status": "pending", "reasons": [str(error)]}
             return self.latest
-        judged = recent(observed, self.window, self.config.min_samples)
-        assessment = assess(self.profile, judged, self.config).to_dict()
+        verdict, _ = log_verdict(self.profile, observed, self.config, self.window)
+        assessment = verdict.to_dict()
         gauges = headline_gauges(assessment)
         self.publish(gauges)
         reasons = list(assessment["reasons"])

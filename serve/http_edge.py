@@ -23,14 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve.metrics import rejected_inputs
 from serve.schemas import WRITE_TOKEN_ENV, ErrorResponse, FeedbackRequest
-from vitbirds.errors import (
-    DecodeBudgetExceeded,
-    DecodersBusy,
-    ExtremeAspectRatio,
-    ImageDecodeError,
-    ImageTooLarge,
-    UnsupportedImageFormat,
-)
+from vitbirds.errors import DecodersBusy, ImageDecodeError
 
 logger = logging.getLogger("ray.serve")
 
@@ -91,21 +84,18 @@ def unavailable(exc: BackPressureError | RayActorError) -> JSONResponse:
     return error_response(503, reason, message, headers={"Retry-After": "1"})
 
 
+# The status of a decoder's refusal by its reason; every other one is 422.
+DECODE_STATUS = {"unsupported_format": 415, "too_many_pixels": 413}
+
+
 def decode_rejection(error: ImageDecodeError | DecodersBusy) -> InputRejected:
     message = str(error).removeprefix("<bytes>: ")
     if isinstance(error, DecodersBusy):  # not the file's fault: retry (Retry-After: 1)
         return InputRejected(503, "decoders_busy", message)
-    if isinstance(error, UnsupportedImageFormat):
-        return InputRejected(415, "unsupported_format", message)
-    if isinstance(error, ImageTooLarge):
-        return InputRejected(413, "too_many_pixels", message)
-    if isinstance(error, ExtremeAspectRatio):
-        return InputRejected(422, "extreme_aspect_ratio", message)
-    if isinstance(error, DecodeBudgetExceeded):
-        return InputRejected(422, "decode_budget_exceeded", message)
-    if "not an image" in message:
-        return InputRejected(422, "not_an_image", message)
-    return InputRejected(422, "undecodable_image", message)
+    reason = error.reason
+    if reason == ImageDecodeError.reason and "not an image" in message:
+        reason = "not_an_image"
+    return InputRejected(DECODE_STATUS.get(reason, 422), reason, message)
 
 
 def check_write_token(request: Request) -> None:

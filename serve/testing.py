@@ -131,8 +131,8 @@ def start_app(
 
 async def slow_sender(port: int, stop: asyncio.Event, path: str = "/predict") -> bytes:
     """A client that announces a 1 MB upload and sends it one byte a second until answered or
-    `stop`; returns the answer's first bytes (b"" if none). What 140 of them did to the service
-    is issue 15's slow-client attack."""
+    `stop`; returns the answer's first bytes (b"" if none). 140 of them at once are the
+    slow-client attack the service's body deadlines are for."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"

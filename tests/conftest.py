@@ -1,5 +1,6 @@
 """Shared fixtures: the photos (real where ../shared/data is present, else a generated stand-in),
-the seed of statistical tests, one local Ray for the whole session, and a record of every skip.
+a photo and a model of their species, one local Ray for the whole session, and a record of every
+skip.
 
 Skips are written, with their reasons, to `$VITBIRDS_SKIP_REPORT` (JSON) when it is set:
 `.ci/run` reads it, prints how many tests skipped and why, and fails when any skipped except the
@@ -76,6 +77,37 @@ def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`cub100/` and `kaggle-birds525-valid/`: the real photos where present, else a generated
     stand-in with the same layout and counts (tests/standin_data.py), made once per session."""
     return real_shared_data() or make_standin_shared_data(tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="session")
+def cub_valid(shared_data: Path) -> Path:
+    """cub100's valid split: one folder of photos per species."""
+    return shared_data / "cub100" / "valid"
+
+
+@pytest.fixture(scope="session")
+def cub_classes(cub_valid: Path) -> list[str]:
+    return sorted(p.name for p in cub_valid.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def photo_file(cub_valid: Path, cub_classes: list[str]) -> Path:
+    """A bird photo: the first of cub100's first valid species."""
+    return sorted((cub_valid / cub_classes[0]).glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="session")
+def photo(photo_file: Path) -> bytes:
+    return photo_file.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, cub_classes: list[str]) -> Path:
+    """A random-weight vit-test model of cub100's species, one per test module (what a module
+    serves may write beside it)."""
+    from serve.testing import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("model") / "model", cub_classes)
 
 
 @pytest.fixture(scope="session")

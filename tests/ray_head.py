@@ -122,3 +122,19 @@ def _wait_until_ready(
             pass
         time.sleep(2)
     return False
+
+
+def wait_for_job(
+    address: str, env: dict[str, str], job_id: str, timeout_s: float
+) -> tuple[str, str]:
+    """(final status, logs) of a job on a token-auth cluster started by `token_cluster` (whose
+    token file `env` names); fails the test with the job's log past `timeout_s`."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout_s
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(3)
+    return str(status), client.get_job_logs(job_id)

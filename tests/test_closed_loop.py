@@ -8,12 +8,12 @@ import io
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from ray_head import wait_for_job
 from test_monitor import write_log
 from test_registry import register_model_dir
 
@@ -59,18 +59,6 @@ def deployed(tmp_path_factory) -> dict:
     return {"root": root, "storage": storage, "log": log, "gate_flags": gate_flags}
 
 
-def wait_for_job(address: str, env: dict[str, str], job_id: str) -> tuple[str, str]:
-    from ray.job_submission import JobSubmissionClient
-
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (status := client.get_job_status(job_id)).is_terminal():
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(3)
-    return str(status), client.get_job_logs(job_id)
-
-
 @pytest.fixture(scope="module")
 def loop(deployed, token_cluster) -> dict:
     """monitor --submit on the champion, the retraining job to its end, then the gate."""
@@ -90,7 +78,7 @@ def loop(deployed, token_cluster) -> dict:
     monitored = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert monitored.returncode == 0, monitored.stdout[-2000:] + monitored.stderr[-3000:]
     result = json.loads((root / "monitor" / "monitor.json").read_text())
-    status, logs = wait_for_job(address, env, result["retrain"]["job_id"])
+    status, logs = wait_for_job(address, env, result["retrain"]["job_id"], JOB_TIMEOUT_S)
     assert status == "SUCCEEDED", logs[-3000:]
     # Two tiny models near chance on synthetic birds: a wide margin keeps this test about the
     # loop's wiring; the gate's statistics are specified in tests/test_promote.py.

@@ -19,53 +19,53 @@ from vitbirds.errors import ConfigError
 
 
 @pytest.fixture
-def photo() -> torch.Tensor:
+def image() -> torch.Tensor:
     """A uint8 [3, 90, 120] image with structure (so crops and flips change it)."""
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8, generator=generator)
 
 
-def test_train_transform_gives_normalised_float_images_of_image_size(photo):
+def test_train_transform_gives_normalised_float_images_of_image_size(image):
     transform = train_transform(DataConfig(image_size=48))
-    out = transform(photo)
+    out = transform(image)
     assert out.shape == (3, 48, 48) and out.dtype == torch.float32
     assert type(out) is torch.Tensor  # no tv_tensors subclass leaks into batches
-    pil = Image.fromarray(photo.permute(1, 2, 0).numpy())
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     assert transform(pil).shape == (3, 48, 48)
 
 
-def test_train_transform_is_random(photo):
+def test_train_transform_is_random(image):
     transform = train_transform(DataConfig(image_size=48))
     torch.manual_seed(0)
-    first, second = transform(photo), transform(photo)
+    first, second = transform(image), transform(image)
     assert not torch.equal(first, second)
     torch.manual_seed(0)
-    assert torch.equal(transform(photo), first)  # but seeded by torch's generator
+    assert torch.equal(transform(image), first)  # but seeded by torch's generator
 
 
 @pytest.mark.parametrize(
     "options",
     [{"randaugment": True}, {"trivialaugment": True}, {"color_jitter": 0.0}],
 )
-def test_train_transform_options_keep_the_output_shape(photo, options):
-    out = train_transform(DataConfig(image_size=32, **options))(photo)
+def test_train_transform_options_keep_the_output_shape(image, options):
+    out = train_transform(DataConfig(image_size=32, **options))(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
-def test_random_erasing_blanks_a_region(photo):
+def test_random_erasing_blanks_a_region(image):
     torch.manual_seed(0)
-    erased = train_transform(DataConfig(image_size=32, random_erasing=1.0))(photo)
-    plain = train_transform(DataConfig(image_size=32))(photo)
+    erased = train_transform(DataConfig(image_size=32, random_erasing=1.0))(image)
+    plain = train_transform(DataConfig(image_size=32))(image)
     assert (erased == 0).sum() >= 3 * 4  # the erased box is exactly 0 in every channel
     assert (plain == 0).sum() == 0
 
 
-def test_eval_transform_is_deterministic_and_same_for_pil_and_tensor(photo):
+def test_eval_transform_is_deterministic_and_same_for_pil_and_tensor(image):
     transform = eval_transform(64)
-    first = transform(photo)
+    first = transform(image)
     assert first.shape == (3, 64, 64)
-    assert torch.equal(transform(photo), first)
-    pil = Image.fromarray(photo.permute(1, 2, 0).numpy())
+    assert torch.equal(transform(image), first)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     assert torch.equal(transform(pil), first)
 
 
@@ -120,25 +120,25 @@ def test_normalisation_refuses_float_input_and_other_shapes():
         ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(torch.zeros(8, 8, dtype=torch.uint8))
 
 
-def test_the_uint8_half_then_the_batch_half_equal_the_whole_transform(photo):
+def test_the_uint8_half_then_the_batch_half_equal_the_whole_transform(image):
     """The streaming loader crops in its decoding processes and normalises whole batches on the
     device: that must be the transform that Serve and the cache run on single images."""
     transform = train_transform(DataConfig(image_size=32, random_erasing=0.5))
     torch.manual_seed(7)
-    whole = [transform(photo) for _ in range(4)]
+    whole = [transform(image) for _ in range(4)]
     torch.manual_seed(7)
     crops = []
     for _ in range(4):  # the RNG order of single images: crop, then jitter and erasing
-        crop = transform.per_image(photo).as_subclass(torch.Tensor)
+        crop = transform.per_image(image).as_subclass(torch.Tensor)
         crops.append(transform.per_batch(crop.unsqueeze(0))[0])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, crops, strict=True))
-    crop = transform.per_image(photo)
+    crop = transform.per_image(image)
     assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
 
 
-def test_random_erasing_draws_a_box_per_image_of_a_batch(photo):
+def test_random_erasing_draws_a_box_per_image_of_a_batch(image):
     finish = train_transform(DataConfig(image_size=32, random_erasing=1.0, color_jitter=0.0))
-    crop = finish.per_image(photo).as_subclass(torch.Tensor)
+    crop = finish.per_image(image).as_subclass(torch.Tensor)
     batch = finish.per_batch(crop.unsqueeze(0).repeat(8, 1, 1, 1))
     erased = [(image == 0).all(dim=0) for image in batch]
     assert all(mask.any() for mask in erased)

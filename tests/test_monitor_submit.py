@@ -5,12 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from ray_head import wait_for_job
 from test_monitor import write_log
 
 from jobs.benchlib.shifts import Subject, noise_images, train_subject
@@ -77,15 +77,8 @@ def test_retrain_submits_a_training_job_that_succeeds_on_the_cluster(
     assert result["assessment"]["decision"] == "RETRAIN"
     job_id = result["retrain"]["job_id"]
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (status := client.get_job_status(job_id)).is_terminal():
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(3)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    status, logs = wait_for_job(address, env, job_id, JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", logs[-3000:]
     trained = json.loads(summary.read_text())
     assert trained["run_name"].startswith("retrain-") and load_model(trained["model_dir"])
     # the retrained model carries its own reference profile: the next monitor run can start

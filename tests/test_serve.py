@@ -11,7 +11,6 @@ import io
 import json
 import struct
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,26 +22,15 @@ import requests
 import torch
 from PIL import Image
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
-from starlette.requests import Request
 
-from serve.http_edge import InputRejected, check_write_token, decode_rejection, unavailable
-from serve.schemas import FEEDBACK_MAX_BYTES, WRITE_TOKEN_ENV, ServeSettings
+from jobs.benchlib.mutate import encode, png_header_only
+from serve.schemas import FEEDBACK_MAX_BYTES, ServeSettings
 from serve.server_timing import parse_server_timing
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, photo_classes, start_app
 from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sources import samples_for_model
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.errors import (
-    DecodeBudgetExceeded,
-    DecodersBusy,
-    ExtremeAspectRatio,
-    ImageDecodeError,
-    ImageTooLarge,
-    UnsupportedImageFormat,
-)
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
@@ -68,19 +56,11 @@ def photos(shared_data: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def photo(photos: list[Path]) -> bytes:
-    return photos[0].read_bytes()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A random-weight model of cub100's classes with the reference profile training saves."""
-    classes = photo_classes(shared_data / "cub100" / "valid")
-    model_dir = make_model_dir(tmp_path_factory.mktemp("serve") / "model", classes)
+def model_dir(model_dir: Path, shared_data: Path, cub_classes: list[str]) -> Path:
+    """The module's model, with the reference profile training saves beside it."""
     splits = discover_dataset(shared_data / "cub100")
-    loaded = load_model(model_dir)
-    samples = samples_for_model(splits.valid, splits.classes, classes)
-    save_reference_profile(model_dir, build_reference_profile(loaded, samples))
+    samples = samples_for_model(splits.valid, splits.classes, cub_classes)
+    save_reference_profile(model_dir, build_reference_profile(load_model(model_dir), samples))
     return model_dir
 
 
@@ -146,28 +126,6 @@ def assert_matches_offline(
 def post_image(url: str, data: bytes, path: str = "/predict", **params) -> requests.Response:
     return requests.post(
         url + path, files={"file": ("photo", data, "application/octet-stream")}, params=params
-    )
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height with almost no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
     )
 
 
@@ -328,27 +286,6 @@ HOSTILE = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("error", "reason"),
-    [
-        (BackPressureError(num_queued_requests=129, max_queued_requests=128), "overloaded"),
-        (
-            RayActorError(
-                actor_id="7f3a9c", error_msg="The actor died: node 10.0.0.5, SIGKILL\nTraceback"
-            ),
-            "model_unavailable",
-        ),
-    ],
-)
-def test_an_unavailable_model_is_a_503_that_reveals_nothing_internal(error, reason):
-    response = unavailable(error)
-    body = json.loads(response.body)
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
-    assert body["reason"] == reason and "retry shortly" in body["error"]
-    for internal in ("7f3a9c", "10.0.0.5", "Traceback", "129", "128"):
-        assert internal not in body["error"]
-
-
 @pytest.mark.parametrize("path", ["/predict", "/explain"])
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline, case, path):
@@ -360,24 +297,6 @@ def test_hostile_input_gets_a_4xx_and_the_next_request_works(url, photo, offline
     good = post_image(url, photo)
     assert good.status_code == 200
     assert_matches_offline(good.json()["predictions"], offline_probabilities(offline, photo))
-
-
-@pytest.mark.parametrize(
-    ("error", "status", "reason"),
-    [
-        (UnsupportedImageFormat("FITS"), 415, "unsupported_format"),
-        (ImageTooLarge("refused, declared size 9x9"), 413, "too_many_pixels"),
-        (ExtremeAspectRatio("refused, aspect ratio 99:1"), 422, "extreme_aspect_ratio"),
-        (DecodeBudgetExceeded("decoding took over 5 s"), 422, "decode_budget_exceeded"),
-        (ImageDecodeError("<bytes>: not an image of an allowed format"), 422, "not_an_image"),
-        (ImageDecodeError("<bytes>: cannot decode pixels"), 422, "undecodable_image"),
-        (DecodersBusy("all 2 image decoders stayed busy for 1 s"), 503, "decoders_busy"),
-    ],
-)
-def test_each_decode_refusal_has_its_status_and_reason(error, status, reason):
-    rejection = decode_rejection(error)
-    assert (rejection.status, rejection.reason) == (status, reason)
-    assert "<bytes>" not in rejection.message
 
 
 def test_oversized_body_is_refused_before_it_is_sent(url):
@@ -522,26 +441,6 @@ def test_feedback_body_over_the_limit_is_refused(url):
     )
     assert response.status_code == 413
     assert response.json()["reason"] == "too_large"
-
-
-def _request(authorization: str | None) -> Request:
-    headers = [(b"authorization", authorization.encode())] if authorization else []
-    return Request({"type": "http", "method": "POST", "path": "/feedback", "headers": headers})
-
-
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic s3cret", "s3cret"])
-def test_write_token_when_set_refuses_requests_without_it(monkeypatch, authorization):
-    monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
-    with pytest.raises(InputRejected) as refused:
-        check_write_token(_request(authorization))
-    assert refused.value.status == 401 and refused.value.reason == "unauthorized"
-
-
-def test_write_token_when_set_admits_the_bearer_and_when_unset_everyone(monkeypatch):
-    monkeypatch.setenv(WRITE_TOKEN_ENV, "s3cret")
-    check_write_token(_request("Bearer s3cret"))
-    monkeypatch.delenv(WRITE_TOKEN_ENV)
-    check_write_token(_request(None))
 
 
 def test_feedback_with_an_unknown_label_is_refused(url):

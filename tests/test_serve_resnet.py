@@ -15,21 +15,14 @@ from test_serve import SERVED_PRECISION
 
 from serve.inference import ImagePreprocessor, model_normaliser
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, make_model_dir, start_app
 from vitbirds.model.files import LoadedModel, load_model
 
 
 @pytest.fixture(scope="module")
-def photo(shared_data: Path) -> Path:
-    valid = shared_data / "cub100" / "valid"
-    return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    classes = photo_classes(shared_data / "cub100" / "valid")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, cub_classes: list[str]) -> Path:
     return make_model_dir(
-        tmp_path_factory.mktemp("resnet") / "model", classes, architecture="resnet18"
+        tmp_path_factory.mktemp("resnet") / "model", cub_classes, architecture="resnet18"
     )
 
 
@@ -56,15 +49,14 @@ def test_model_info_says_there_are_no_attention_maps(url):
 
 
 def test_predict_answers_with_the_resnets_top5(url, model_dir, photo):
-    data = photo.read_bytes()
-    response = requests.post(url + "/predict", files={"file": data}, timeout=60)
+    response = requests.post(url + "/predict", files={"file": photo}, timeout=60)
     assert response.status_code == 200
     labels = [p["label"] for p in response.json()["predictions"]]
-    assert labels == _offline_top5(load_model(model_dir), data)
+    assert labels == _offline_top5(load_model(model_dir), photo)
 
 
 def test_explain_is_refused_with_a_json_reason(url, photo):
-    response = requests.post(url + "/explain", files={"file": photo.read_bytes()}, timeout=60)
+    response = requests.post(url + "/explain", files={"file": photo}, timeout=60)
     assert response.status_code == 409
     body = response.json()
     assert body["reason"] == "no_attention_maps"
@@ -72,10 +64,10 @@ def test_explain_is_refused_with_a_json_reason(url, photo):
 
 
 @requires_browser
-def test_the_web_page_shows_predictions_and_says_why_there_is_no_overlay(url, photo):
+def test_the_web_page_shows_predictions_and_says_why_there_is_no_overlay(url, photo_file):
     with chromium() as browser:
         open_page(browser, url)
-        browser.find_element(By.ID, "file").send_keys(str(photo))
+        browser.find_element(By.ID, "file").send_keys(str(photo_file))
         wait_for_bars(browser)
         screenshot(browser, "web_page_resnet")
         assert not browser.find_element(By.ID, "error").is_displayed()

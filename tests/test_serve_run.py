@@ -31,15 +31,7 @@ import requests
 import yaml
 from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
 
-from serve.testing import (
-    SERVE_MODES,
-    answer_status,
-    free_port,
-    make_model_dir,
-    photo_classes,
-    private_haproxy_env,
-    slow_sender,
-)
+from serve import testing as serve_testing
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.paths import CACHE_ENV, repo_root
 
@@ -49,20 +41,8 @@ START_TIMEOUT_S = 300  # Ray, the controller, HAProxy and three replicas on two 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    classes = photo_classes(shared_data / "cub100" / "valid")
-    return make_model_dir(tmp_path_factory.mktemp("serve_run") / "model", classes)
-
-
-@pytest.fixture(scope="module")
 def offline(model_dir: Path) -> LoadedModel:
     return load_model(model_dir)
-
-
-@pytest.fixture(scope="module")
-def photo(shared_data: Path) -> bytes:
-    valid = shared_data / "cub100" / "valid"
-    return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0].read_bytes()
 
 
 class ServeRun:
@@ -74,7 +54,7 @@ class ServeRun:
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = work / "serve-run.log"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(SERVE_MODES[mode])
+        env.update(serve_testing.SERVE_MODES[mode])
         env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # a busy machine starts actors slowly
         env[CACHE_ENV] = str(work / "cache")
         env["PYTHONUNBUFFERED"] = "1"  # the log shows how far a shutdown got, even if killed
@@ -82,7 +62,7 @@ class ServeRun:
         self.haproxy_dir = Path(tempfile.mkdtemp(prefix="vbhap-", dir="/tmp"))
         self.ports = [port]
         if mode == "haproxy":
-            haproxy_env = private_haproxy_env(self.haproxy_dir)
+            haproxy_env = serve_testing.private_haproxy_env(self.haproxy_dir)
             env.update(haproxy_env)
             self.ports += [
                 int(haproxy_env["RAY_SERVE_HAPROXY_STATS_PORT"]),
@@ -145,7 +125,7 @@ def _config_file(
 def _serve_run(
     mode: str, model_dir: Path, work: Path, ingress: dict[str, int] | None = None
 ) -> Iterator[ServeRun]:
-    port = free_port()
+    port = serve_testing.free_port()
     run = ServeRun(mode, _config_file(work, model_dir, port, ingress), work, port)
     try:
         _wait_until_healthy(run.base, run.process, run.log_path)
@@ -246,7 +226,9 @@ def _photo_while_slow_senders_hold_connections(base: str, port: int, photo: byte
 
     async def scenario() -> tuple[int, list[bytes]]:
         stop = asyncio.Event()
-        senders = asyncio.gather(*[slow_sender(port, stop) for _ in range(SLOW_SENDERS)])
+        senders = asyncio.gather(
+            *[serve_testing.slow_sender(port, stop) for _ in range(SLOW_SENDERS)]
+        )
         await asyncio.sleep(3)  # all connected and sending
         async with httpx.AsyncClient(timeout=60) as client:
             response = await client.post(
@@ -266,7 +248,7 @@ def test_a_photo_is_answered_while_140_slow_senders_are_connected(proxy_run, pho
     assert status == 200
     # Each slow sender was cut off instead of holding its slot: 408 from the body deadline, or a
     # 503 from the proxy's back-pressure (1 of 140 in one of four full-suite runs).
-    statuses = [answer_status(a) for a in answers]
+    statuses = [serve_testing.answer_status(a) for a in answers]
     assert set(statuses) <= {"408", "503"} and statuses.count("408") > SLOW_SENDERS // 2
 
 

@@ -12,7 +12,7 @@ from ray import serve
 from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
 
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, make_model_dir, start_app
 from vitbirds.lifecycle.store import content_digest
 from vitbirds.model.files import load_model
 from vitbirds.paths import CACHE_ENV
@@ -22,23 +22,12 @@ CLASSIFIER_PREFIX = f"SERVE_REPLICA::{APP}#Classifier#"
 
 
 @pytest.fixture(scope="module")
-def classes(shared_data: Path) -> list[str]:
-    return photo_classes(shared_data / "cub100" / "valid")
-
-
-@pytest.fixture(scope="module")
-def photo(shared_data: Path, classes: list[str]) -> bytes:
-    valid = shared_data / "cub100" / "valid"
-    return sorted((valid / classes[0]).glob("*.jpg"))[0].read_bytes()
-
-
-@pytest.fixture(scope="module")
 def deployed(
-    ray_session, tmp_path_factory: pytest.TempPathFactory, classes: list[str]
+    ray_session, tmp_path_factory: pytest.TempPathFactory, cub_classes: list[str]
 ) -> Iterator[tuple[str, Path]]:
     """(url, model dir) of an app deployed from a `latest` directory."""
     work = tmp_path_factory.mktemp("serve_versions")
-    latest = make_model_dir(work / "models" / "latest", classes, seed=0)
+    latest = make_model_dir(work / "models" / "latest", cub_classes, seed=0)
     settings = ServeSettings(
         model_dir=str(latest), prediction_log=str(work / "predictions.jsonl"), drift_interval_s=0
     )
@@ -75,14 +64,16 @@ def _wait_for_a_new_replica(old: set[str], url: str, timeout_s: float = 240) -> 
     pytest.fail(f"no new Classifier replica answered within {timeout_s} s")
 
 
-def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(deployed, classes, photo):
+def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(
+    deployed, cub_classes, photo
+):
     url, latest = deployed
     deployed_digest = requests.get(url + "/model").json()["model_sha256"]
     assert deployed_digest == content_digest(latest)
     offline = load_model(latest)  # the deployed weights, before they are overwritten
 
     # Re-export: other weights and the class list reversed, same number of classes.
-    make_model_dir(latest, list(reversed(classes)), seed=1)
+    make_model_dir(latest, list(reversed(cub_classes)), seed=1)
     assert content_digest(latest) != deployed_digest
     old = _classifier_replicas()
     assert old
@@ -94,10 +85,10 @@ def test_a_replica_restarted_after_a_reexport_serves_the_deployed_version(deploy
     assert health["classifier"]["model_sha256"] == deployed_digest
     assert health["classifier"]["precision"] == SERVED_PRECISION.name
     model = requests.get(url + "/model").json()
-    assert model["model_sha256"] == deployed_digest and model["classes"] == classes
+    assert model["model_sha256"] == deployed_digest and model["classes"] == cub_classes
     response = requests.post(url + "/predict", data=photo, headers={"content-type": "image/jpeg"})
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     expected = offline_probabilities(offline, photo, SERVED_PRECISION)
     assert_matches_offline(predictions, expected, atol=TOLERANCE[SERVED_PRECISION.name])
-    assert all(p["label"] == classes[p["index"]] for p in predictions)
+    assert all(p["label"] == cub_classes[p["index"]] for p in predictions)

@@ -9,23 +9,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError, UnsafeModelFileError
-from vitbirds.model.pretrained import init_from_timm
+from vitbirds.model.pretrained import init_from_timm, timm_twin
 from vitbirds.model.vit import VisionTransformer
 
 timm = pytest.importorskip("timm")
 
 
 def _timm_model(config: ModelConfig) -> torch.nn.Module:
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.dim,
-        depth=config.depth,
-        num_heads=config.heads,
-        mlp_ratio=config.mlp_ratio,
-        num_classes=config.num_classes,
-        drop_path_rate=config.drop_path,
-    ).eval()
+    return timm_twin(config).eval()
 
 
 def _training_step_ops(model: torch.nn.Module, x: torch.Tensor) -> Counter:

@@ -9,24 +9,10 @@ import pytest
 from jobs import tune as tune_cli
 from vitbirds.errors import ConfigError
 from vitbirds.presets import get_recipe
-from vitbirds.training.sweep import (
-    Choice,
-    LogUniform,
-    SweepConfig,
-    TrialRow,
-    apply_params,
-    best_trial,
-    check_space,
-    compute_saved,
-    log_sweep,
-    max_concurrent_trials,
-    plot_png,
-    trial_row,
-    write_table,
-)
+from vitbirds.training import sweep as sweeps
 
 
-def _sweep(*argv: str) -> SweepConfig:
+def _sweep(*argv: str) -> sweeps.SweepConfig:
     return tune_cli.build_sweep(tune_cli.parse_args(["--name", "s", *argv]))
 
 
@@ -37,8 +23,8 @@ def _epochs(*top1: float) -> list[dict[str, float]]:
     ]
 
 
-def _row(trial_id: str, top1: tuple[float, ...], max_epochs: int, **params) -> TrialRow:
-    return trial_row(
+def _row(trial_id: str, top1: tuple[float, ...], max_epochs: int, **params) -> sweeps.TrialRow:
+    return sweeps.trial_row(
         trial_id=trial_id, params=params, history=_epochs(*top1), max_epochs=max_epochs,
         train_run=f"s-{trial_id}",
     )  # fmt: skip
@@ -46,12 +32,15 @@ def _row(trial_id: str, top1: tuple[float, ...], max_epochs: int, **params) -> T
 
 def test_lr_with_two_values_is_a_log_uniform_range_and_depth_a_list() -> None:
     sweep = _sweep("--depth", "4", "6", "8", "12", "--lr", "1e-4", "3e-3")
-    assert sweep.space == {"depth": Choice((4, 6, 8, 12)), "lr": LogUniform(1e-4, 3e-3)}
+    assert sweep.space == {
+        "depth": sweeps.Choice((4, 6, 8, 12)),
+        "lr": sweeps.LogUniform(1e-4, 3e-3),
+    }
 
 
 def test_lr_choices_is_a_list_and_grid_search_accepts_it() -> None:
     sweep = _sweep("--search", "grid", "--depth", "4", "8", "--lr-choices", "3e-4", "1e-3")
-    assert sweep.space["lr"] == Choice((3e-4, 1e-3))
+    assert sweep.space["lr"] == sweeps.Choice((3e-4, 1e-3))
     assert sweep.samples == 1 and sweep.swept == ["depth", "lr"]
 
 
@@ -85,9 +74,9 @@ def test_yaml_config_is_read_and_flags_override_it(tmp_path) -> None:
     sweep = tune_cli.build_sweep(tune_cli.parse_args(["--config", str(config), "--epochs", "3"]))
     assert (sweep.name, sweep.epochs, sweep.search, sweep.samples) == ("from-yaml", 3, "optuna", 5)
     assert sweep.space == {
-        "depth": Choice((2, 3)),
-        "lr": LogUniform(3e-4, 3e-3),
-        "weight_decay": Choice((0.01, 0.1)),
+        "depth": sweeps.Choice((2, 3)),
+        "lr": sweeps.LogUniform(3e-4, 3e-3),
+        "weight_decay": sweeps.Choice((0.01, 0.1)),
     }
 
 
@@ -100,13 +89,13 @@ def test_unknown_yaml_setting_is_a_usage_error(tmp_path, capsys) -> None:
 
 def test_sweep_settings_round_trip_through_their_saved_form() -> None:
     sweep = _sweep("--depth", "4", "8", "--lr", "1e-4", "3e-3", "--epochs", "5")
-    assert SweepConfig.from_dict(sweep.to_dict()) == sweep
+    assert sweeps.SweepConfig.from_dict(sweep.to_dict()) == sweep
 
 
 def test_impossible_model_in_the_space_is_refused_before_any_trial() -> None:
     sweep = _sweep("--dim", "48", "50")  # vit-test has 3 heads: 50 does not divide
     with pytest.raises(ConfigError, match="impossible model"):
-        check_space(get_recipe("vit-test"), sweep.space)
+        sweeps.check_space(get_recipe("vit-test"), sweep.space)
 
 
 def test_reproduce_command_trains_exactly_the_trial_recipe() -> None:
@@ -117,7 +106,7 @@ def test_reproduce_command_trains_exactly_the_trial_recipe() -> None:
     command = tune_cli.reproduce_command(sweep, params, run_name="best")
     assert command.startswith("python jobs/train.py --preset vit-test")
     assert "--depth 3" in command and "--lr 0.0012345678901234567" in command
-    assert apply_params(base, params).train.lr == 0.0012345678901234567
+    assert sweeps.apply_params(base, params).train.lr == 0.0012345678901234567
 
 
 def test_a_flag_jobs_train_does_not_have_cannot_be_reproduced() -> None:
@@ -126,9 +115,11 @@ def test_a_flag_jobs_train_does_not_have_cannot_be_reproduced() -> None:
 
 
 def test_concurrency_is_set_by_the_scarcest_resource() -> None:
-    assert max_concurrent_trials({"CPU": 2.0}, {"CPU": 1.0}) == 2
-    assert max_concurrent_trials({"CPU": 16.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 2.0}) == 1
-    assert max_concurrent_trials({"CPU": 1.0}, {"CPU": 4.0}) == 1  # still runs, one at a time
+    assert sweeps.max_concurrent_trials({"CPU": 2.0}, {"CPU": 1.0}) == 2
+    assert sweeps.max_concurrent_trials({"CPU": 16.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 2.0}) == 1
+    assert (
+        sweeps.max_concurrent_trials({"CPU": 1.0}, {"CPU": 4.0}) == 1
+    )  # still runs, one at a time
 
 
 def test_trial_row_tells_completed_from_stopped_and_keeps_the_best_epoch() -> None:
@@ -141,15 +132,17 @@ def test_trial_row_tells_completed_from_stopped_and_keeps_the_best_epoch() -> No
 
 def test_an_epoch_reported_again_after_a_resume_counts_once() -> None:
     history = _epochs(0.2, 0.3) + _epochs(0.2, 0.35, 0.4)
-    row = trial_row(trial_id="a", params={}, history=history, max_epochs=3, train_run="s-a")
+    row = sweeps.trial_row(trial_id="a", params={}, history=history, max_epochs=3, train_run="s-a")
     assert row.epochs == 3 and row.val_top1 == 0.4
 
 
 def test_best_trial_is_a_completed_one_and_asha_savings_count_trial_epochs() -> None:
-    error = trial_row(trial_id="err", params={}, history=[], max_epochs=4, train_run="x", error="E")
+    error = sweeps.trial_row(
+        trial_id="err", params={}, history=[], max_epochs=4, train_run="x", error="E"
+    )
     rows = [_row("early", (0.9,), 4), _row("full", (0.1, 0.2, 0.3, 0.6), 4), error]
-    assert best_trial(rows).trial_id == "full"
-    saved = compute_saved(rows)
+    assert sweeps.best_trial(rows).trial_id == "full"
+    saved = sweeps.compute_saved(rows)
     assert saved["trial_epochs_used"] == 5 and saved["trial_epochs_full"] == 12
     assert saved["stopped_early"] == 1
 
@@ -159,7 +152,7 @@ def test_results_table_is_sorted_by_valid_top1(tmp_path) -> None:
         _row(name, (top1,), 1, depth=depth, lr=1e-3)
         for name, depth, top1 in (("low", 2, 0.2), ("high", 4, 0.7), ("mid", 3, 0.5))
     ]
-    csv_path, md_path = write_table(rows, ["depth", "lr"], tmp_path)
+    csv_path, md_path = sweeps.write_table(rows, ["depth", "lr"], tmp_path)
     records = list(csv.DictReader(csv_path.open()))
     assert [r["trial"] for r in records] == ["high", "mid", "low"]
     assert [r["rank"] for r in records] == ["1", "2", "3"]
@@ -171,7 +164,7 @@ def test_plot_is_a_png() -> None:
     rows = [_row("a", (0.2, 0.3), 2, depth=2, lr=1e-4), _row("b", (0.4,), 2, depth=4, lr=1e-3)]
     for row in rows:
         row.parameters, row.flops = 1_000_000 * row.params["depth"], 10**8
-    assert plot_png(rows, rows[0]).startswith(b"\x89PNG")
+    assert sweeps.plot_png(rows, rows[0]).startswith(b"\x89PNG")
 
 
 class _Recorder:
@@ -206,7 +199,7 @@ def test_sweep_is_one_parent_run_with_a_child_run_per_trial() -> None:
     sweep = _sweep("--depth", "2", "4")
     rows = [_row("t1", (0.2, 0.4), 2, depth=2), _row("t2", (0.1,), 2, depth=4)]
     parent = _Recorder()
-    log_sweep(parent, sweep, rows, best=rows[0], summary={"best_val_top1": 0.4})
+    sweeps.log_sweep(parent, sweep, rows, best=rows[0], summary={"best_val_top1": 0.4})
     assert [child.name for child in parent.children] == ["s/t1", "s/t2"]
     first, second = parent.children
     assert [step for step, _ in first.metrics[:2]] == [1, 2]

@@ -12,21 +12,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, start_app
 
 pytestmark = requires_browser
 
 
 @pytest.fixture(scope="module")
-def photo(shared_data: Path) -> Path:
-    valid = shared_data / "cub100" / "valid"
-    return sorted((valid / photo_classes(valid)[0]).glob("*.jpg"))[0]
-
-
-@pytest.fixture(scope="module")
-def url(ray_session, tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[str]:
+def url(ray_session, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[str]:
     work = tmp_path_factory.mktemp("web")
-    model_dir = make_model_dir(work / "model", photo_classes(shared_data / "cub100" / "valid"))
     settings = ServeSettings(model_dir=str(model_dir), prediction_log=str(work / "log.jsonl"))
     yield start_app(settings, deployment_options(0.1))
     serve.shutdown()
@@ -48,14 +41,16 @@ def _wait_for_results(browser) -> None:
     )
 
 
-def test_choosing_a_photo_shows_five_bars_and_the_attention_overlay(browser, url, photo):
+def test_choosing_a_photo_shows_five_bars_and_the_attention_overlay(
+    browser, url, photo, photo_file
+):
     open_page(browser, url)
     assert "classes" in browser.find_element(By.ID, "model").text
-    browser.find_element(By.ID, "file").send_keys(str(photo))
+    browser.find_element(By.ID, "file").send_keys(str(photo_file))
     _wait_for_results(browser)
     screenshot(browser, "web_page_upload")
 
-    expected = requests.post(url + "/predict", files={"file": photo.read_bytes()}).json()
+    expected = requests.post(url + "/predict", files={"file": photo}).json()
     labels = [e.get_attribute("title") for e in browser.find_elements(By.CSS_SELECTOR, ".label")]
     assert labels == [p["label"] for p in expected["predictions"]]
     widths = [e.size["width"] for e in browser.find_elements(By.CSS_SELECTOR, "#bars .fill")]
@@ -76,7 +71,7 @@ def test_dropping_a_photo_works_too(browser, url, photo):
         const drop = document.getElementById("drop");
         drop.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
         """,
-        base64.b64encode(photo.read_bytes()).decode("ascii"),
+        base64.b64encode(photo).decode("ascii"),
     )
     _wait_for_results(browser)
     assert "dropped.jpg" in browser.find_element(By.ID, "status").text

@@ -1,16 +1,25 @@
 """One dataclass per concern: the model, the data pipeline, the training loop.
 
-Defaults run on a 2-core CPU; bigger setups are named presets in `vitbirds.presets`. The CLIs map
-flags onto these fields and never repeat a default.
+These are the recipe's fields: name, type, library default and, for a field a command-line flag
+writes over (`--epochs`, `--lr`, `--depth`, ...), its help (`setting`). The presets in
+`vitbirds.presets` are overrides of these defaults, and a run's default recipe is the default
+preset's (`vitbirds.presets.DEFAULT_PRESET`); `vitbirds.settings` builds the flags from here and
+never repeats a default or a help text.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Self
 
 from vitbirds.devices import DEVICE_CHOICES
 from vitbirds.errors import ConfigError
 
 DATA_MODES = ("auto", "cache", "stream")
+
+
+def setting(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata carries its command-line help (and `choices`, `metavar`,
+    or `default_text` for a default decided later, e.g. None meaning "the synthetic birds")."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 class _DictMixin:
@@ -33,12 +42,12 @@ class ModelConfig(_DictMixin):
     """Shape of the Vision Transformer (Dosovitskiy et al. 2020) and its small-data options."""
 
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = setting(8, "patch side (must divide the image size)")
     in_chans: int = 3
     num_classes: int = 6
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
+    dim: int = setting(192, "embedding width")
+    depth: int = setting(6, "transformer blocks")
+    heads: int = setting(3, "attention heads (must divide --dim)")
     mlp_ratio: float = 4.0
     dropout: float = 0.0  # on embeddings and MLP/projection outputs
     attn_dropout: float = 0.0
@@ -105,7 +114,12 @@ class DataConfig(_DictMixin):
     # cache: decode every image once into each worker's memory (fastest; memory grows with the
     # dataset); stream: each worker decodes its own shard every epoch (memory bounded; see
     # vitbirds.data.streaming); auto: cache when it fits cache_budget_gib per node, else stream.
-    data_mode: str = "auto"
+    data_mode: str = setting(
+        "auto",
+        "cache: decode once into memory; stream: decode each worker's shard every epoch "
+        "(memory flat in the dataset size); auto: cache when it fits the memory budget",
+        choices=DATA_MODES,
+    )
     cache_budget_gib: float = 4.0
     # Decoding processes per training worker in stream mode; None: the worker's CPUs but one.
     stream_workers: int | None = None
@@ -135,10 +149,10 @@ class DataConfig(_DictMixin):
 class TrainConfig(_DictMixin):
     """The one training loop: AdamW, warmup + cosine, clipping, label smoothing."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    weight_decay: float = 0.05
+    epochs: int = setting(10, "epochs to train")
+    batch_size: int = setting(64, "global batch, split across the workers")
+    lr: float = setting(1e-3, "peak learning rate (warmup, then cosine decay)")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     label_smoothing: float = 0.1
@@ -150,7 +164,7 @@ class TrainConfig(_DictMixin):
     distillation: str = "hard"
     distill_temperature: float = 3.0
     compile: bool = False  # torch.compile the model
-    seed: int = 0
+    seed: int = setting(0, "seed of the data split, the init and the augmentation")
     device: str = "auto"  # auto | cpu | cuda | mps
     loader_workers: int = 0  # decoded images are cached in memory, so 0 is usually fastest
 

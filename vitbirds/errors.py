@@ -15,23 +15,35 @@ class DataError(VitbirdsError):
 
 
 class ImageDecodeError(DataError):
-    """One image could not be decoded; the reason says why (empty, truncated, not an image...)."""
+    """One image could not be decoded; the message says why (empty, truncated, not an image...).
+
+    `reason` is the kind of refusal as a stable code (Serve answers it as the JSON `reason`)."""
+
+    reason = "undecodable_image"
 
 
 class UnsupportedImageFormat(ImageDecodeError):
     """An image in a format outside the allow-list (e.g. RLE BMP, FITS): refused before decoding."""
 
+    reason = "unsupported_format"
+
 
 class ImageTooLarge(ImageDecodeError):
     """An image whose declared, decoded or resized size exceeds the pixel budget."""
+
+    reason = "too_many_pixels"
 
 
 class ExtremeAspectRatio(ImageDecodeError):
     """An image too long and thin to resize to the model's input without an unbounded long side."""
 
+    reason = "extreme_aspect_ratio"
+
 
 class DecodeBudgetExceeded(ImageDecodeError):
     """Decoding ran past its time or memory limit (the sandboxed decoder was stopped)."""
+
+    reason = "decode_budget_exceeded"
 
 
 class DecodersBusy(VitbirdsError):

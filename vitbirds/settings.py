@@ -1,32 +1,39 @@
-"""Run settings: what a run trains on and where and how it runs, defined once.
+"""Run settings and the command-line flags built from them.
 
-`RunSettings` (workers, device, storage, tracker, cache) is the base of the Ray adapter's
-`TrainJob` and of `SweepConfig`; `RecipeSettings` (preset, data) is the part of a sweep that names
-what every trial trains. The job CLIs (`jobs/train.py`, `tune.py`, `evaluate.py`, `monitor.py`)
-build their flags from these fields with `add_arguments`, so a default and its help text exist
-in one place: change a default here and every CLI, its `--help` and the library agree.
+Where a default is set:
+- where and how a run runs (workers, device, precision, storage, tracker, checkpoints, export):
+  the fields below. `RunSettings` is the base of the Ray adapter's `TrainJob` and of
+  `SweepConfig`; `RecipeSettings` (preset, data) names what a run or every trial trains.
+- what a run trains (epochs, batch, learning rate, depth, ...): the default preset
+  (`vitbirds.presets.DEFAULT_PRESET`), written over `vitbirds.config`'s fields, which carry
+  each flag's help. `RECIPE_FLAGS` lists the fields a flag may write over.
+
+The job CLIs (`jobs/train.py`, `tune.py`, `evaluate.py`, `monitor.py`) build their flags from
+these fields (`add_arguments`, `add_recipe_arguments`), so a default and its help text exist in
+one place: change one and every CLI, its `--help` and the library agree.
 """
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, fields, replace
 from typing import Any
 
+from vitbirds.config import DataConfig, ModelConfig, TrainConfig, setting
 from vitbirds.devices import DEVICES
 from vitbirds.errors import ConfigError
 from vitbirds.lifecycle.registry import DEFAULT_MODEL_NAME
 from vitbirds.lifecycle.tracking import TRACKERS
 from vitbirds.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
-from vitbirds.presets import PRESETS, get_recipe
+from vitbirds.presets import DEFAULT_PRESET, PRESETS, Recipe, get_recipe
 
-# The best small-data recipe that needs no teacher (README, "What accuracy to expect").
-DEFAULT_PRESET = "vit-cpu-small-data"
-
-
-def setting(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose metadata carries its CLI help (and `choices`, `default_text`
-    for a default that is decided later, e.g. None meaning "the generated synthetic birds")."""
-    return field(default=default, metadata={"help": help, **extra})
+# The recipe fields a flag writes over, and the recipe sections each writes (`--seed` seeds the
+# data split and the training alike). Their type, choices and help are the fields' own.
+RECIPE_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+RECIPE_FLAGS: dict[str, tuple[str, ...]] = {
+    "epochs": ("train",), "batch_size": ("train",), "lr": ("train",),
+    "weight_decay": ("train",), "depth": ("model",), "dim": ("model",), "heads": ("model",),
+    "patch_size": ("model",), "seed": ("train", "data"), "data_mode": ("data",),
+}  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -84,13 +91,19 @@ class TrainSettings(RunSettings):
     max_failures: int = setting(0, "worker-group restarts from the latest checkpoint")
     keep_checkpoints: int = setting(2, "checkpoints kept: the best k by valid top-1 (+ the latest)")
     init_from: str | None = setting(
-        None, "timm ViT weights (.safetensors) to start from", default_text="random init"
+        None,
+        "weights to start from: a timm ViT .safetensors file, or a ViT of ours by any model "
+        "reference (a model or run directory, gs://..., models:/NAME@ALIAS)",
+        default_text="random init",
+        metavar="REF",
     )
     teacher: str | None = setting(
         None,
-        "model directory to distil from, trained on the same classes (presets with a "
-        "distillation token need one; e.g. a ResNet-18 from jobs/bench_accuracy.py --only resnet)",
+        "model to distil from (any model reference), trained on the same classes (presets with "
+        "a distillation token need one; e.g. a ResNet-18 from jobs/bench_accuracy.py --only "
+        "resnet)",
         default_text="none",
+        metavar="REF",
     )
     evaluate: bool = setting(
         True, "evaluate the best checkpoint on the test split (valid when there is none)"
@@ -144,17 +157,21 @@ def add_arguments(
     unset: bool = False,
     defaults: Mapping[str, Any] | None = None,
     notes: Mapping[str, str] | None = None,
+    default_texts: Mapping[str, str] | None = None,
 ) -> None:
     """One `--flag-name` per field: type, choices, default and help come from the field.
 
-    `unset`: the flags default to None (a sweep.yaml fills what the user did not give) while the
-    help still names the field's default. `defaults`: another default for one CLI, stated in its
-    help. `notes`: a sentence appended to a flag's help.
+    `unset`: the flags default to None (a sweep.yaml or a preset fills what the user did not
+    give) while the help still names the default that applies. `defaults`: another default for
+    one CLI, stated in its help. `notes`: a sentence appended to a flag's help.
+    `default_texts`: what the help names as the default instead of the field's.
     """
     for name in names:
         spec = settings_field(settings_type, name)
         default = (defaults or {}).get(name, spec.default)
         shown = spec.metadata.get("default_text") if default is None else default
+        if default_texts and name in default_texts:
+            shown = default_texts[name]
         help_text = spec.metadata["help"]
         if notes and name in notes:
             help_text += f"; {notes[name]}"
@@ -169,7 +186,7 @@ def add_arguments(
             kwargs["choices"] = spec.metadata["choices"]
         else:
             kwargs["type"] = _flag_type(spec)
-            default_metavar = "N" if kwargs["type"] is int else "PATH"
+            default_metavar = {int: "N", float: "X"}.get(kwargs["type"], "PATH")
             kwargs["metavar"] = spec.metadata.get("metavar", default_metavar)
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
@@ -178,7 +195,65 @@ def _flag_type(spec: Field) -> type:
     example = spec.default if spec.default is not MISSING else None
     if isinstance(example, int) or "int" in str(spec.type):
         return int
+    if isinstance(example, float) or "float" in str(spec.type):
+        return float
     return str
+
+
+def add_recipe_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: Sequence[str],
+    *,
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """`--epochs`, `--lr`, ...: flags that write over the preset's values (None when not given).
+    Type, choices and help are the recipe field's; the help names the default preset's value."""
+    for name in names:
+        section = RECIPE_FLAGS[name][0]
+        add_arguments(
+            parser,
+            RECIPE_SECTIONS[section],
+            [name],
+            unset=True,
+            notes=notes,
+            default_texts={name: preset_default(section, name)},
+        )
+
+
+def recipe_setting(name: str, note: str) -> Any:
+    """A settings field that writes over the preset's `name` (e.g. a sweep's epochs): the recipe
+    field's help with `note` appended, None unless given."""
+    section = RECIPE_FLAGS[name][0]
+    spec = settings_field(RECIPE_SECTIONS[section], name)
+    return setting(
+        None, f"{spec.metadata['help']}; {note}", default_text=preset_default(section, name)
+    )
+
+
+def preset_with_overrides(preset: str, overrides: Mapping[str, Any]) -> Recipe:
+    """`preset` with every given (not None) recipe value written over it and validated again:
+    a RECIPE_FLAGS name, a `RecipeSettings` data field (data_dir, num_classes,
+    images_per_class), or `device`."""
+    recipe = get_recipe(preset)
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name in RECIPE_FLAGS:
+            for section in RECIPE_FLAGS[name]:
+                sections[section][name] = value
+        elif name in ("data_dir", "num_classes", "images_per_class"):
+            sections["data"][name] = value
+        elif name == "device":
+            sections["train"][name] = value
+        else:
+            raise ConfigError(f"{name!r} is not a recipe setting")
+    return Recipe(
+        model=replace(recipe.model, **sections["model"]),
+        data=replace(recipe.data, **sections["data"]),
+        train=replace(recipe.train, **sections["train"]),
+        preset=preset,
+    )
 
 
 def preset_default(section: str, name: str, preset: str = DEFAULT_PRESET) -> str:

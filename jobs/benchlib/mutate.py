@@ -1,5 +1,6 @@
 """Seeded mutations of image files, as an attacker or a broken client would send them: what
-jobs/bench_fuzz.py sends by the thousand and tests/test_data_images.py by the few hundred.
+jobs/bench_fuzz.py sends by the thousand and tests/test_data_images.py by the few hundred; and
+the building blocks of hand-made ones (`encode`, `png_header_only`).
 
 Each mutation is (kind, bytes). Kinds: truncations, bit flips in the header, dimension fields
 rewritten (small, huge, zero, extreme aspect ratios), chunk lengths that lie (PNG), and
@@ -9,6 +10,7 @@ appended/duplicated garbage. The format is found from the magic bytes, so any se
 import io
 import random
 import struct
+import zlib
 from collections.abc import Iterator
 
 from PIL import Image
@@ -25,6 +27,28 @@ SEED_FORMATS: dict[str, dict] = {
 }
 # Values a dimension field is rewritten to: degenerate, large, and extreme aspect partners.
 _DIMENSIONS = (0, 1, 7, 255, 4096, 65535, 1_000_000, 2**31 - 1, 2**32 - 1)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG declaring width x height with almost no pixel data (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def seed_images(image: Image.Image) -> dict[str, bytes]:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from vitbirds.data.loading import make_loaders
 from vitbirds.data.sources import (
     DatasetSplits,
     Sample,
@@ -30,7 +29,6 @@ from vitbirds.data.sources import (
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.errors import ConfigError
 from vitbirds.model.files import LoadedModel, load_model, save_model
-from vitbirds.model.vit import build_model
 from vitbirds.monitoring.assess import Assessment, MonitorConfig, Observations, assess
 from vitbirds.monitoring.reference import (
     UNKNOWN_LABEL,
@@ -41,8 +39,7 @@ from vitbirds.monitoring.reference import (
     save_reference_profile,
 )
 from vitbirds.presets import Recipe, get_recipe
-from vitbirds.training.loop import TrainingRun, fit, seed_everything
-from vitbirds.training.runner import build_metadata
+from vitbirds.training.runner import build_metadata, train_in_process
 
 MAX_BLUR_SIGMA = 0.1  # at strength 1: sigma is a tenth of the image side
 # Channel gains at strength 1: a strong warm cast (tungsten light, a sepia filter).
@@ -166,20 +163,12 @@ def train_subject(
     splits = DatasetSplits(
         chosen, flat(train), flat(pick(full.valid)), [], full.source, full.root, full.synthetic
     )
-    recipe = recipe.copy()
-    recipe.model = replace(recipe.model, num_classes=len(chosen))
-    seed_everything(recipe.train.seed)
-    train_loader, valid_loader, _ = make_loaders(splits, recipe.data, recipe.train)
-    model = build_model(recipe.model)
-    run = TrainingRun(
-        model, recipe.train, steps_per_epoch=len(train_loader), device=torch.device("cpu")
-    )
-    history = fit(run, train_loader, valid_loader)
-    metadata = build_metadata(recipe, splits, name="drift-subject")
-    metadata.history = history
-    metadata.metrics = dict(history[-1])
+    trained = train_in_process(recipe, splits)
+    metadata = build_metadata(trained.recipe, splits, name="drift-subject")
+    metadata.history = trained.history
+    metadata.metrics = dict(trained.history[-1])
     out_dir = Path(out_dir)
-    save_model(out_dir, run.evaluation_model(), metadata)
+    save_model(out_dir, trained.run.evaluation_model(), metadata)
     profile = build_reference_profile(load_model(out_dir), splits.valid, data=splits.describe())
     save_reference_profile(out_dir, profile)
     return Subject(out_dir, flat(held), chosen)

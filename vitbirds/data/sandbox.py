@@ -38,28 +38,14 @@ from typing import BinaryIO
 from PIL import Image
 
 from vitbirds.data.images import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, load_rgb
-from vitbirds.errors import (
-    DecodeBudgetExceeded,
-    DecodersBusy,
-    ExtremeAspectRatio,
-    ImageDecodeError,
-    ImageTooLarge,
-    UnsupportedImageFormat,
-)
+from vitbirds.errors import DecodeBudgetExceeded, DecodersBusy, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
 # The exception types a worker may report, by name: anything else reads as ImageDecodeError.
 _ERRORS: dict[str, type[ImageDecodeError]] = {
-    cls.__name__: cls
-    for cls in (
-        ImageDecodeError,
-        UnsupportedImageFormat,
-        ImageTooLarge,
-        ExtremeAspectRatio,
-        DecodeBudgetExceeded,
-    )
+    cls.__name__: cls for cls in (ImageDecodeError, *ImageDecodeError.__subclasses__())
 }
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # The worker needs the decoder, not the loaders: a stub `vitbirds.data` package skips the real

@@ -35,7 +35,7 @@ Data splits blocks between ranks dynamically, so which rank trains on which imag
 function of (seed, epoch) and a restarted run cannot replay an epoch, while a
 DistributedSampler's order is; and a file that fails in `map_batches` fails the task unless
 filtered by hand. Its real advantage, a CPU pool feeding GPU pods, matters only once a GPU pod's
-own cores cannot decode as fast as its GPU trains: revisit with GPU figures (issue 14).
+own cores cannot decode as fast as its GPU trains, which needs GPU figures to decide.
 `jobs/bench_data.py` keeps the Ray Data candidate so that comparison can be rerun.
 
 Semantics shared with the cache: the same transforms, the same seeded order (a generator reseeded

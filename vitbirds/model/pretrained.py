@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vitbirds.config import ModelConfig
 from vitbirds.errors import ModelFileError
 from vitbirds.model.files import refuse_pickle
 from vitbirds.model.vit import VisionTransformer, resize_pos_embed
@@ -42,6 +43,24 @@ def adapt_timm_state_dict(
             f"missing {missing[:5]}"
         )
     return {k: state[k] for k in own}
+
+
+def timm_twin(config: ModelConfig) -> torch.nn.Module:
+    """timm's `VisionTransformer` of the same shape as `build_model(config)` (plain ViT options):
+    the same parameter names and computation, so the weights of either load into the other.
+    The parity tests and `jobs/bench_model.py`'s baseline are built with it. Needs timm."""
+    import timm
+
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.dim,
+        depth=config.depth,
+        num_heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        num_classes=config.num_classes,
+        drop_path_rate=config.drop_path,
+    )
 
 
 def init_from_timm(model: VisionTransformer, path: str | Path) -> None:

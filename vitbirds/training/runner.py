@@ -8,24 +8,28 @@ about them" has one definition whether a run is distributed or not.
 import logging
 import os
 import shutil
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vitbirds.config import DataConfig
+from vitbirds.data.loading import make_loaders
 from vitbirds.data.sources import DatasetSplits, discover_dataset
 from vitbirds.data.synthetic import GENERATOR_VERSION, make_synthetic_dataset
-from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
 from vitbirds.errors import ConfigError
 from vitbirds.lifecycle.store import fetch_model
+from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import WEIGHTS_FILE, ModelMetadata, load_model, read_metadata
 from vitbirds.model.pretrained import init_from_timm
 from vitbirds.model.vit import build_model
 from vitbirds.paths import cache_root
 from vitbirds.precision import FP32, Precision
 from vitbirds.presets import Recipe
+from vitbirds.training.loop import TrainingRun, fit, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +131,10 @@ def pin_model_references(
     so an alias moved mid-run cannot give workers different weights."""
 
     def pin(reference: str | None) -> str | None:
-        if reference is None or Path(reference).suffix == ".safetensors":
-            return reference
+        if reference is None:
+            return None
+        if Path(reference).suffix == ".safetensors":  # timm weights: a file on this machine
+            return str(Path(reference).expanduser().resolve())
         return fetch_model(reference, tracking_uri=tracking_uri).location
 
     return pin(init_from), pin(teacher)
@@ -151,6 +157,50 @@ def load_teacher(model_dir: str, class_names: list[str], device: torch.device) -
     local = fetch_model(model_dir).path  # a gs:// teacher is copied once per node
     check_teacher(str(local), class_names)
     return load_model(local, device=device).model
+
+
+@dataclass
+class InProcessRun:
+    """A finished `train_in_process`: the run (its model trained), the per-epoch metrics, the
+    recipe as fitted to the data, and the valid batches (to evaluate other weights on)."""
+
+    run: TrainingRun
+    history: list[dict[str, float]]
+    recipe: Recipe
+    valid_loader: Iterable
+
+
+def train_in_process(
+    recipe: Recipe,
+    splits: DatasetSplits,
+    *,
+    architecture: str = "vit",
+    device: torch.device | str = "cpu",
+    precision: Precision = FP32,
+    teacher: nn.Module | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> InProcessRun:
+    """One run of the training loop in this process, without Ray: `recipe` (its classifier fitted
+    to `splits`' classes) on `splits`' train images, validated on its valid ones. The benchmarks
+    that train models (and the tests through them) train this way; the Ray workers run the same
+    `TrainingRun` on their shard."""
+    recipe = fit_recipe_to_data(recipe, splits)
+    device = torch.device(device)
+    seed_everything(recipe.train.seed)
+    train_loader, valid_loader, _ = make_loaders(
+        replace(splits, test=[]), recipe.data, recipe.train
+    )
+    run = TrainingRun(
+        build_classifier(architecture, recipe.model).to(device),
+        recipe.train,
+        steps_per_epoch=len(train_loader),
+        device=device,
+        mixer=batch_mixer(recipe.data, recipe.model.num_classes),
+        teacher=teacher,
+        precision=precision,
+    )
+    history = fit(run, train_loader, valid_loader, on_epoch_end=on_epoch_end)
+    return InProcessRun(run, history, recipe, valid_loader)
 
 
 def data_label(splits: DatasetSplits) -> str:

@@ -29,7 +29,7 @@ from vitbirds.errors import ConfigError
 from vitbirds.lifecycle.tracking import Tracker
 from vitbirds.model.vit import build_model, count_parameters
 from vitbirds.presets import Recipe
-from vitbirds.settings import RecipeSettings, RunSettings, preset_default, setting
+from vitbirds.settings import RecipeSettings, RunSettings, recipe_setting, setting
 
 METRIC = "val_top1"  # what ASHA stops on and the table is sorted by (higher is better)
 SEARCHES = ("grid", "random", "optuna")
@@ -159,19 +159,9 @@ class SweepConfig(RunSettings, RecipeSettings):
     """
 
     name: str
-    epochs: int | None = setting(
-        None,
-        "every trial's full schedule; ASHA's max_t",
-        default_text=preset_default("train", "epochs"),
-    )
-    batch_size: int | None = setting(
-        None, "global batch", default_text=preset_default("train", "batch_size")
-    )
-    seed: int | None = setting(
-        None,
-        "training seed; also seeds the searcher",
-        default_text=preset_default("train", "seed"),
-    )
+    epochs: int | None = recipe_setting("epochs", "every trial's full schedule; ASHA's max_t")
+    batch_size: int | None = recipe_setting("batch_size", "every trial's")
+    seed: int | None = recipe_setting("seed", "also seeds the searcher")
     space: dict[str, Dimension] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     search: str = setting("random", "search algorithm", choices=SEARCHES)
     num_samples: int | None = setting(

@@ -30,12 +30,11 @@ from vitbirds.evaluation.evaluate import (
     EvaluationConfig,
     EvaluationResult,
     attention_check,
-    confusion_order,
     evaluate_model,
-    log_to_tracker,
-    write_report,
 )
+from vitbirds.evaluation.figures import confusion_order
 from vitbirds.evaluation.metrics import classification_report, confusion_from_entries
+from vitbirds.evaluation.report import log_to_tracker, write_report
 from vitbirds.model.baselines import build_classifier
 from vitbirds.model.files import LoadedModel, load_model, save_model
 from vitbirds.model.vit import build_model
@@ -328,7 +327,7 @@ def test_a_525_class_report_stays_small_and_names_the_classes_that_matter(tmp_pa
 
 
 def test_the_confusion_close_up_holds_exactly_the_confused_classes():
-    from vitbirds.evaluation.evaluate import most_confused_classes
+    from vitbirds.evaluation.figures import most_confused_classes
 
     chosen = most_confused_classes(_kaggle_scale_result().report.confusion, 30)
     assert sorted(chosen) == [*range(20), *range(100, 110)]

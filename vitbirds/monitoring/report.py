@@ -7,26 +7,18 @@ and the retraining command. Built from monitor.json's dict plus the raw scores f
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from vitbirds.evaluation.html_page import escape, figure_png, image, page, section, table
 from vitbirds.monitoring.assess import LABEL_FREE_TESTS, Observations
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict { font-size: 1.6em; font-weight: bold; padding: 0.4em 0.8em; display: inline-block; }
 .OK { background: #d4edda; } .WATCH { background: #fff3cd; } .RETRAIN { background: #f8d7da; }
 code { background: #f4f4f4; padding: 0.2em 0.4em; word-break: break-all; }
-img { max-width: 100%; }
 """
 
 
@@ -36,23 +28,23 @@ def render_report(result: dict[str, Any], reference: Observations, observed: Obs
     decision = assessment["decision"]
     model = result["model"]
     title = f"Monitor: {model['name']} {model['version']}"
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p id="decision" class="verdict {_e(decision)}">{_e(decision)}</p>',
-        '<ul id="reasons">' + "".join(f"<li>{_e(r)}</li>" for r in assessment["reasons"]) + "</ul>",
-        _source_section(result),
-        _tests_section(assessment),
-        _estimates_section(assessment),
-        _labelled_section(assessment.get("labelled")),
-        _windows_section(result.get("windows") or [], assessment),
-        _scores_section(reference, observed),
-        _retrain_section(result.get("retrain")),
-        "</body></html>",
-    ]
-    return "\n".join(p for p in parts if p)
+    return page(
+        title,
+        [
+            f'<p id="decision" class="verdict {escape(decision)}">{escape(decision)}</p>',
+            '<ul id="reasons">'
+            + "".join(f"<li>{escape(r)}</li>" for r in assessment["reasons"])
+            + "</ul>",
+            _source_section(result),
+            _tests_section(assessment),
+            _estimates_section(assessment),
+            _labelled_section(assessment.get("labelled")),
+            _windows_section(result.get("windows") or [], assessment),
+            _scores_section(reference, observed),
+            _retrain_section(result.get("retrain")),
+        ],
+        _STYLE,
+    )
 
 
 def _source_section(result: dict[str, Any]) -> str:
@@ -68,7 +60,7 @@ def _source_section(result: dict[str, Any]) -> str:
     period = assessment.get("period") or {}
     if period:
         rows.append(("period", f"{period['first']} .. {period['last']}"))
-    return _section("source", "What was assessed", _table("source", ("", ""), rows))
+    return section("source", "What was assessed", table("source", ("", ""), rows))
 
 
 def _tests_section(assessment: dict[str, Any]) -> str:
@@ -90,11 +82,11 @@ def _tests_section(assessment: dict[str, Any]) -> str:
         f"<p>Each test at alpha {alpha:.2g} (Bonferroni over {len(tests)} tests). "
         "Domain classifier AUROC on the embeddings: "
         f"{_fmt(assessment.get('domain_auroc'))} (0.5: indistinguishable, 1: separable).</p>"
-        + _table("tests", ("test", "statistic", "p-value", "significant", "effect"), rows)
+        + table("tests", ("test", "statistic", "p-value", "significant", "effect"), rows)
     )
     moved = tests.get("predicted_class", {}).get("detail", {}).get("moved", [])
     if moved:
-        body += "<p>Predicted classes whose share moved most:</p>" + _table(
+        body += "<p>Predicted classes whose share moved most:</p>" + table(
             "moved",
             ("class", "reference share", "observed share"),
             [
@@ -102,7 +94,7 @@ def _tests_section(assessment: dict[str, Any]) -> str:
                 for m in moved
             ],
         )
-    return _section("tests", "Drift tests (no labels needed)", body)
+    return section("tests", "Drift tests (no labels needed)", body)
 
 
 def _estimates_section(assessment: dict[str, Any]) -> str:
@@ -118,8 +110,8 @@ def _estimates_section(assessment: dict[str, Any]) -> str:
         "<p>Both estimates assume the model is about as calibrated on new data as on its "
         "validation split; out of domain (high domain AUROC) they overestimate.</p>"
     )
-    return _section(
-        "estimates", "Accuracy without labels", _table("estimates", ("", ""), rows) + note
+    return section(
+        "estimates", "Accuracy without labels", table("estimates", ("", ""), rows) + note
     )
 
 
@@ -141,11 +133,11 @@ def _labelled_section(labelled: dict[str, Any] | None) -> str:
     body = (
         f"<p>{labelled['num_labelled']} labelled predictions; {confidence:.0%} percentile "
         "bootstrap intervals.</p>"
-        + _table("labelled", ("metric", "reference", "observed", "drop (ref - obs)"), rows)
+        + table("labelled", ("metric", "reference", "observed", "drop (ref - obs)"), rows)
     )
     drops = labelled["dropped_classes"][:15]
     if drops:
-        body += "<p>Classes whose recall fell (one-sided Fisher exact, BH q-values):</p>" + _table(
+        body += "<p>Classes whose recall fell (one-sided Fisher exact, BH q-values):</p>" + table(
             "dropped",
             ("class", "reference recall", "observed recall", "n ref / obs", "p", "q"),
             [
@@ -160,7 +152,7 @@ def _labelled_section(labelled: dict[str, Any] | None) -> str:
                 for d in drops
             ],
         )
-    return _section("labelled", "Measured quality (labelled data)", body)
+    return section("labelled", "Measured quality (labelled data)", body)
 
 
 def _windows_section(windows: list[dict[str, Any]], assessment: dict[str, Any]) -> str:
@@ -186,10 +178,10 @@ def _windows_section(windows: list[dict[str, Any]], assessment: dict[str, Any]) 
         "mean conf",
         *(f"p {t}" for t in LABEL_FREE_TESTS),
     )
-    body = _img(_windows_png(windows, assessment), "drift over time") + _table(
+    body = image(_windows_png(windows, assessment), "drift over time") + table(
         "windows", (*header, "significant"), rows
     )
-    return _section("windows", "Drift over time", body)
+    return section("windows", "Drift over time", body)
 
 
 def _scores_section(reference: Observations, observed: Observations) -> str:
@@ -207,19 +199,21 @@ def _scores_section(reference: Observations, observed: Observations) -> str:
         axis.hist(obs, bins=bins, density=True, alpha=0.5, label="observed")
         axis.set_xlabel(label)
         axis.legend()
-    return _section("scores", "Score distributions", _img(_png(figure), "score histograms"))
+    return section(
+        "scores", "Score distributions", image(figure_png(figure, dpi=90), "score histograms")
+    )
 
 
 def _retrain_section(retrain: dict[str, Any] | None) -> str:
     if not retrain:
         return ""
-    body = f"<p>Retraining command:</p><p><code>{_e(retrain['command'])}</code></p>"
+    body = f"<p>Retraining command:</p><p><code>{escape(retrain['command'])}</code></p>"
     if retrain.get("job_id"):
         body += (
-            f"<p>Submitted to {_e(retrain['address'])} as job "
-            f"<code>{_e(retrain['job_id'])}</code>.</p>"
+            f"<p>Submitted to {escape(retrain['address'])} as job "
+            f"<code>{escape(retrain['job_id'])}</code>.</p>"
         )
-    return _section("retrain", "Retraining", body)
+    return section("retrain", "Retraining", body)
 
 
 def _windows_png(windows: list[dict[str, Any]], assessment: dict[str, Any]) -> bytes:
@@ -243,17 +237,7 @@ def _windows_png(windows: list[dict[str, Any]], assessment: dict[str, Any]) -> b
     counts.bar(x, [w["num_observed"] for w in windows], alpha=0.15, color="black")
     counts.set_ylabel("predictions")
     bottom.set_xticks(x, [w["start"][5:16] for w in windows], rotation=45, fontsize=8)
-    return _png(figure)
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value))
+    return figure_png(figure, dpi=90)
 
 
 def _fmt(value: float | None) -> str:
@@ -262,26 +246,3 @@ def _fmt(value: float | None) -> str:
 
 def _interval(values: dict[str, float]) -> str:
     return f"{values['estimate']:.3f} [{values['low']:.3f}, {values['high']:.3f}]"
-
-
-def _section(key: str, heading: str, body: str) -> str:
-    return f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{body}\n</section>'
-
-
-def _table(key: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="num">{_e(c)}</td>' if isinstance(c, int | float) else f"<td>{_e(c)}</td>"
-            for c in row
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f'<table id="{key}-table"><tr>{head}</tr>{body}</table>'
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'

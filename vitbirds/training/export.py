@@ -24,15 +24,9 @@ import torch
 
 from vitbirds.data.sources import DatasetSplits, Sample
 from vitbirds.errors import ConfigError
-from vitbirds.evaluation.evaluate import (
-    EvaluationConfig,
-    EvaluationResult,
-    confusion_png,
-    evaluate_model,
-    learning_curves_png,
-    log_to_tracker,
-    write_report,
-)
+from vitbirds.evaluation.evaluate import EvaluationConfig, EvaluationResult, evaluate_model
+from vitbirds.evaluation.figures import confusion_png, learning_curves_png
+from vitbirds.evaluation.report import log_to_tracker, write_report
 from vitbirds.lifecycle.tracking import NullTracker, Tracker
 from vitbirds.model.files import METADATA_FILE, LoadedModel, ModelMetadata, save_model
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile

@@ -73,7 +73,7 @@ from vitbirds.data.images import load_rgb
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.errors import DecodersBusy, ImageDecodeError
 from vitbirds.lifecycle.store import ModelVersion, materialize, resolve
-from vitbirds.model.files import read_metadata
+from vitbirds.model.files import MODEL_CARD_FILE, read_metadata
 from vitbirds.monitoring.predictions import (
     LOGGED_TOP_K,
     BackgroundPredictionLog,
@@ -99,6 +99,18 @@ api = FastAPI(
 )
 api.add_middleware(BodyDeadlineMiddleware)  # 408 for bodies that arrive too slowly
 add_error_handlers(api)  # every refusal answers as ErrorResponse, counted by reason
+
+
+MAX_MODEL_CARD_BYTES = 1 << 20
+
+
+def read_model_card(model_dir: Path) -> str | None:
+    """The model's MODEL_CARD.md (its first MiB: a card is a few KiB), None when it has none."""
+    try:
+        with (model_dir / MODEL_CARD_FILE).open("rb") as handle:
+            return handle.read(MAX_MODEL_CARD_BYTES).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def _log_anchor(version: ModelVersion, local_dir: Path) -> Path:
@@ -134,6 +146,7 @@ class Ingress:
         )
         local_dir = materialize(version)
         self.metadata = read_metadata(local_dir)
+        self.model_card = read_model_card(local_dir)
         self.decode_pool = (
             DecodePool(
                 SandboxConfig(
@@ -369,7 +382,22 @@ class Ingress:
             attention_maps=m.attention_maps,
             created_at=m.created_at,
             code_version=m.code_version,
+            model_card=self.model_card is not None,
         )
+
+    @api.get(
+        "/model/card",
+        response_class=Response,
+        responses={200: {"content": {"text/markdown": {}}}, 404: {"model": ErrorResponse}},
+    )
+    async def model_card_text(self) -> Response:
+        """The model card (Markdown) exported beside the weights: intended use, training data,
+        metrics with intervals, known failure modes."""
+        if self.model_card is None:
+            return error_response(
+                404, "no_model_card", f"this model was exported without a {MODEL_CARD_FILE}"
+            )
+        return Response(self.model_card, media_type="text/markdown; charset=utf-8")
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:

@@ -182,3 +182,6 @@ class ModelInfo(BaseModel):
     )
     created_at: str
     code_version: str
+    model_card: bool = Field(
+        default=False, description="GET /model/card answers the model card (Markdown)"
+    )

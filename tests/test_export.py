@@ -11,7 +11,9 @@ from recording_tracker import RecordingTracker
 from vitbirds.config import DataConfig, ModelConfig
 from vitbirds.data import discover_dataset, make_synthetic_dataset
 from vitbirds.data.sources import DatasetSplits
+from vitbirds.devices import cpu_name
 from vitbirds.errors import ConfigError
+from vitbirds.evaluation.model_card import MODEL_CARD_FILE, proportion_interval
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.model.vit import build_model
 from vitbirds.monitoring.reference import load_reference_profile
@@ -94,3 +96,38 @@ def test_an_export_dir_holding_something_else_is_not_overwritten(splits, tmp_pat
             metrics=BEST, evaluate=False, export_dir=str(occupied),
         )  # fmt: skip
     assert (occupied / "notes.txt").read_text() == "keep me"
+
+
+def test_every_export_carries_a_model_card_of_its_own_numbers(splits, tmp_path) -> None:
+    exported = export_model(
+        _loaded(splits), splits, target=str(tmp_path / "run"), history=HISTORY, metrics=BEST
+    )
+    card = (Path(exported.model_dir) / MODEL_CARD_FILE).read_text()
+    for heading in ("## Model details", "## Intended use", "## Training data", "## Metrics",
+                    "## Known failure modes", "## Caveats and recommendations"):  # fmt: skip
+        assert heading in card
+    assert card.startswith("# Model card: tiny-run")
+    assert "SYNTHETIC" in card  # generated birds: said before anything else
+    top1 = exported.metrics["test_top1_accuracy"]
+    n = int(exported.metrics["test_num_samples"])
+    low, high = proportion_interval(round(top1 * n), n)
+    assert f"| Top-1 accuracy | {top1:.3f} | {low:.3f} - {high:.3f} |" in card
+    assert splits.describe()["fingerprint"] in card
+    assert cpu_name() in card
+
+
+def test_an_export_without_evaluation_says_so_in_its_card(splits, tmp_path) -> None:
+    exported = export_model(
+        _loaded(splits), splits, target=str(tmp_path / "run"), history=HISTORY, metrics=BEST,
+        evaluate=False,
+    )  # fmt: skip
+    card = (Path(exported.model_dir) / MODEL_CARD_FILE).read_text()
+    assert "Not evaluated at export; best valid top-1 during training: 0.400." in card
+
+
+@pytest.mark.parametrize(
+    ("successes", "total", "low", "high"),
+    [(50, 100, 0.4038, 0.5962), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (0, 0, 0.0, 1.0)],
+)
+def test_the_wilson_interval_holds_at_the_edges(successes, total, low, high) -> None:
+    assert proportion_interval(successes, total) == pytest.approx((low, high), abs=1e-4)

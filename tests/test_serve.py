@@ -31,12 +31,13 @@ from vitbirds.data import discover_dataset
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sources import samples_for_model
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
-from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.model.files import MODEL_CARD_FILE, LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 from vitbirds.precision import FP32, Precision, resolve_precision
 
 BODY_LIMIT = 2_000_000
+CARD = "# Model card: a random-weight test model\n\nFor tests only: ✓ not for birds.\n"
 INGRESS_QUEUE = 16
 CLASSIFIER_QUEUE = 16
 ATOL = 1e-5
@@ -57,7 +58,9 @@ def photos(shared_data: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def model_dir(model_dir: Path, shared_data: Path, cub_classes: list[str]) -> Path:
-    """The module's model, with the reference profile training saves beside it."""
+    """The module's model, with the reference profile and the model card training saves beside
+    it."""
+    (model_dir / MODEL_CARD_FILE).write_text(CARD, encoding="utf-8")
     splits = discover_dataset(shared_data / "cub100")
     samples = samples_for_model(splits.valid, splits.classes, cub_classes)
     save_reference_profile(model_dir, build_reference_profile(load_model(model_dir), samples))
@@ -349,6 +352,14 @@ def test_explain_as_json_carries_the_png_and_the_predictions(url, photo, offline
     assert png.format == "PNG"
 
 
+def test_the_model_card_is_served_as_markdown(url):
+    response = requests.get(url + "/model/card", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/markdown")
+    assert response.text == CARD
+    assert requests.get(url + "/model", timeout=30).json()["model_card"] is True
+
+
 def test_model_info(url, offline):
     info = requests.get(url + "/model").json()
     assert info["classes"] == offline.metadata.class_names
@@ -360,7 +371,7 @@ def test_model_info(url, offline):
 def test_openapi_docs_describe_the_endpoints(url):
     assert requests.get(url + "/docs").status_code == 200
     paths = requests.get(url + "/openapi.json").json()["paths"]
-    assert {"/predict", "/explain", "/feedback", "/healthz", "/model"} <= set(paths)
+    assert {"/predict", "/explain", "/feedback", "/healthz", "/model", "/model/card"} <= set(paths)
     assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
 
 

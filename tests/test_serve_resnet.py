@@ -55,6 +55,12 @@ def test_predict_answers_with_the_resnets_top5(url, model_dir, photo):
     assert labels == _offline_top5(load_model(model_dir), photo)
 
 
+def test_a_model_without_a_card_says_so_with_a_json_reason(url):
+    response = requests.get(url + "/model/card", timeout=30)
+    assert response.status_code == 404 and response.json()["reason"] == "no_model_card"
+    assert requests.get(url + "/model", timeout=30).json()["model_card"] is False
+
+
 def test_explain_is_refused_with_a_json_reason(url, photo):
     response = requests.post(url + "/explain", files={"file": photo}, timeout=60)
     assert response.status_code == 409

@@ -13,6 +13,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, start_app
+from vitbirds.model.files import MODEL_CARD_FILE
 
 pytestmark = requires_browser
 
@@ -20,6 +21,7 @@ pytestmark = requires_browser
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[str]:
     work = tmp_path_factory.mktemp("web")
+    (model_dir / MODEL_CARD_FILE).write_text("# Model card: the web page's test model\n")
     settings = ServeSettings(model_dir=str(model_dir), prediction_log=str(work / "log.jsonl"))
     yield start_app(settings, deployment_options(0.1))
     serve.shutdown()
@@ -46,6 +48,8 @@ def test_choosing_a_photo_shows_five_bars_and_the_attention_overlay(
 ):
     open_page(browser, url)
     assert "classes" in browser.find_element(By.ID, "model").text
+    card = browser.find_element(By.ID, "model-card")
+    assert card.get_attribute("href") == url + "/model/card"
     browser.find_element(By.ID, "file").send_keys(str(photo_file))
     _wait_for_results(browser)
     screenshot(browser, "web_page_upload")

@@ -1,4 +1,7 @@
-"""Device choice for the one training loop: cpu, cuda or Apple's mps."""
+"""Device choice for the one training loop: cpu, cuda or Apple's mps; and the name of the
+machine's CPU, which every reported figure carries."""
+
+import platform
 
 import torch
 
@@ -7,6 +10,19 @@ from vitbirds.errors import DeviceUnavailableError
 # The devices a run can train on; evaluation also takes "auto" (cuda, then mps, then cpu).
 DEVICES = ("cpu", "cuda", "mps")
 DEVICE_CHOICES = ("auto", *DEVICES)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. "Intel(R) Xeon(R) Processor"), else what
+    the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

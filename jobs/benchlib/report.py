@@ -2,26 +2,17 @@
 
 import json
 import os
-import platform
 from typing import Any
 
 import torch
 
+from vitbirds.devices import cpu_name
 from vitbirds.precision import fast_bf16
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [
-                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
-            ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": device,

@@ -23,8 +23,9 @@ from vitbirds.model.baselines import build_classifier
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
-# Written beside the weights by training (the monitoring job's reference profile).
-OPTIONAL_FILES = ("reference.safetensors", "reference.json")
+MODEL_CARD_FILE = "MODEL_CARD.md"
+# Written beside the weights by training: the monitoring job's reference profile, the model card.
+OPTIONAL_FILES = ("reference.safetensors", "reference.json", MODEL_CARD_FILE)
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 
 

@@ -5,6 +5,7 @@
     <target>/model/        model.safetensors + metadata.json (config, classes, metrics, history)
                            reference.safetensors + reference.json (the valid split's profile,
                            which jobs/monitor.py and Serve's drift gauges compare traffic with)
+                           MODEL_CARD.md (intended use, data, metrics, failure modes)
     <target>/evaluation/   learning_curves.png, and when evaluated: metrics.json, report.html,
                            confusion_matrix.png, of the test split (valid when there is none)
 
@@ -23,9 +24,11 @@ from pathlib import Path
 import torch
 
 from vitbirds.data.sources import DatasetSplits, Sample
+from vitbirds.devices import cpu_name
 from vitbirds.errors import ConfigError
 from vitbirds.evaluation.evaluate import EvaluationConfig, EvaluationResult, evaluate_model
 from vitbirds.evaluation.figures import confusion_png, learning_curves_png
+from vitbirds.evaluation.model_card import MODEL_CARD_FILE, render_model_card
 from vitbirds.evaluation.report import log_to_tracker, write_report
 from vitbirds.lifecycle.tracking import NullTracker, Tracker
 from vitbirds.model.files import METADATA_FILE, LoadedModel, ModelMetadata, save_model
@@ -97,6 +100,13 @@ def export_model(
             loaded, splits.valid, split="valid", data=splits.describe()
         )
         save_reference_profile(model_staging, profile)
+        card = render_model_card(
+            metadata,
+            result if evaluated_split else None,
+            reference_metrics=profile.metrics,
+            machine=cpu_name(),
+        )
+        (model_staging / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
         model_dir = publish(model_staging, f"{target}/{MODEL_FOLDER}")
         evaluation_dir = publish(eval_dir, f"{target}/{EVALUATION_FOLDER}")
         tracker.log_artifact(eval_dir / "learning_curves.png", "plots")

@@ -15,11 +15,11 @@ examples:
     # challenger and jobs/promote.py decides whether it replaces the champion
     python jobs/monitor.py --model models:/vitbirds@champion --prediction-log LOG --submit
 
---model takes a directory or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), resolved
-in the registry the retraining job registers into (MLFLOW_TRACKING_URI, else the MLflow store under
---retrain-storage). The model directory needs its reference profile (reference.safetensors +
-reference.json, written at the end of training); `--reference-data DIR` builds one from DIR's
-valid split for older models.
+--model takes any model reference (a model or run directory, gs://..., models:/NAME@ALIAS,
+models:/NAME/VERSION); a registry URI is resolved in the registry the retraining job registers into
+(MLFLOW_TRACKING_URI, else the MLflow store under --retrain-storage). The model directory needs
+its reference profile (reference.safetensors + reference.json, written at the end of training);
+`--reference-data DIR` builds one from DIR's valid split for older models.
 Writes monitor.json and report.html under --out and logs the headline numbers to the tracker.
 Without --submit a RETRAIN verdict prints the command that would be submitted. Relative paths
 (--model, --out, --storage-path) are relative to the current directory, or to $VITBIRDS_HOME

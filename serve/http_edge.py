@@ -6,6 +6,7 @@ installed by `add_error_handlers` answer it with `ErrorResponse` and count it by
 the OpenAPI descriptions of the bodies and errors the routes accept and answer.
 """
 
+import asyncio
 import hmac
 import logging
 import os
@@ -20,7 +21,9 @@ from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
+from serve.body_deadline import BodyTimeoutError
 from serve.metrics import rejected_inputs
 from serve.schemas import WRITE_TOKEN_ENV, ErrorResponse, FeedbackRequest
 from vitbirds.errors import DecodersBusy, ImageDecodeError
@@ -49,9 +52,41 @@ def error_response(
     return JSONResponse(content, status_code=status, headers=headers)
 
 
-async def _input_rejected(_: Request, exc: InputRejected) -> JSONResponse:
+async def _input_rejected(request: Request, exc: InputRejected) -> JSONResponse:
     headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
+    if request.scope.get(_BODY_LEFT) and not await drain_body(request):
+        headers = {**(headers or {}), "Connection": "close"}
     return error_response(exc.status, exc.reason, exc.message, headers=headers)
+
+
+# A body refused as too large is still read to its end, within these bounds, before the 413 goes
+# out: a client that sends its whole body before reading the answer (urllib, requests, most
+# upload forms) would otherwise have the connection reset under it and never see the 413. A
+# client that asked `Expect: 100-continue` is answered at once and never sends the body; one that
+# pauses for DRAIN_IDLE_S gets the 413 and a closed connection. The body deadline still applies.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+DRAIN_IDLE_S = 1.0
+_BODY_LEFT = "vitbirds.body_left"  # set in the request's scope: a refused body was not read out
+
+
+async def drain_body(request: Request) -> bool:
+    """Reads and discards what is left of the request body; True when it was read to its end
+    (the connection can then carry the answer and the next request)."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return False
+    drained = 0
+    while drained <= DRAIN_MAX_BYTES:
+        try:
+            async with asyncio.timeout(DRAIN_IDLE_S):
+                message = await request.receive()
+        except (TimeoutError, BodyTimeoutError):
+            return False
+        if message["type"] != "http.request":  # the client went away
+            return False
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -114,21 +149,31 @@ def check_write_token(request: Request) -> None:
 
 
 async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body in chunks, refused with 413 as soon as it is known to exceed `limit`."""
+    """The body in chunks, refused with 413 as soon as it is known to exceed `limit` (what is
+    left of it is drained before the answer: `drain_body`)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InputRejected(400, "bad_content_length", f"Content-Length {declared!r}")
         if int(declared) > limit:
+            request.scope[_BODY_LEFT] = True
             raise InputRejected(
                 413, "too_large", f"body of {declared} bytes exceeds the {limit}-byte limit"
             )
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
+            request.scope[_BODY_LEFT] = more
             raise InputRejected(413, "too_large", f"body exceeds the {limit}-byte limit")
-        yield chunk
+        if chunk:
+            yield chunk
+        if not more:
+            return
 
 
 async def read_upload(request: Request, limit: int) -> bytes:

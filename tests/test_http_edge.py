@@ -1,15 +1,35 @@
-"""The HTTP edge without a running service: each refusal's status, reason and message, and the
-write token's check (the same answers end to end: tests/test_serve.py)."""
+"""The HTTP edge without Ray: each refusal's status, reason and message, the write token's check,
+and a too-large body's 413 reaching clients that send the whole body first (on a real server;
+the same answers through Serve: tests/test_serve.py)."""
 
+import http.client
 import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 
 import pytest
+import requests
+import uvicorn
+from fastapi import FastAPI
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
-from serve.http_edge import InputRejected, check_write_token, decode_rejection, unavailable
+from serve.body_deadline import BodyDeadlineMiddleware
+from serve.http_edge import (
+    DRAIN_IDLE_S,
+    InputRejected,
+    add_error_handlers,
+    check_write_token,
+    decode_rejection,
+    read_upload,
+    unavailable,
+)
 from serve.schemas import WRITE_TOKEN_ENV
+from serve.testing import free_port
 from vitbirds import errors
 
 
@@ -74,3 +94,81 @@ def test_write_token_when_set_admits_the_bearer_and_when_unset_everyone(monkeypa
     check_write_token(_request("Bearer s3cret"))
     monkeypatch.delenv(WRITE_TOKEN_ENV)
     check_write_token(_request(None))
+
+
+# --- a body over the limit, sent whole, still gets its 413 JSON ---------------------------------
+
+LIMIT = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def edge_url() -> Iterator[str]:
+    """The HTTP edge alone (error handlers, body deadline, upload reading) on a real server."""
+    api = FastAPI()
+    api.add_middleware(BodyDeadlineMiddleware)
+    add_error_handlers(api)
+
+    @api.post("/upload")
+    async def upload(request: Request) -> dict:
+        return {"size": len(await read_upload(request, LIMIT))}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("size", [11_000_000, 100_000_000])
+def test_urllib_sending_a_whole_oversized_body_reads_the_413(edge_url, size) -> None:
+    request = urllib.request.Request(
+        edge_url + "/upload", data=bytes(size), headers={"Content-Type": "image/jpeg"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["reason"] == "too_large"
+
+
+@pytest.mark.parametrize("size", [11_000_000, 100_000_000])
+def test_requests_sending_a_whole_oversized_body_reads_the_413(edge_url, size) -> None:
+    with requests.Session() as session:
+        response = session.post(
+            edge_url + "/upload", files={"file": ("big.jpg", bytes(size))}, timeout=60
+        )
+        assert response.status_code == 413 and response.json()["reason"] == "too_large"
+        # the body was read out: the same connection carries the next request
+        again = session.post(edge_url + "/upload", data=b"\xff\xd8", timeout=10,
+                             headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        assert again.status_code == 200 and again.json() == {"size": 2}
+
+
+def test_a_chunked_body_refused_midway_is_read_out_before_the_413(edge_url) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused only once 2 MB have arrived
+        for _ in range(44):
+            yield bytes(256 * 1024)
+
+    response = requests.post(
+        edge_url + "/upload", data=chunks(), headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    assert response.status_code == 413 and response.json()["reason"] == "too_large"
+
+
+def test_a_client_that_declares_a_huge_body_and_waits_gets_the_413_at_once(edge_url) -> None:
+    """Expect: 100-continue (what curl sends) is answered without reading a byte."""
+    host, port = edge_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/upload")
+    connection.putheader("Content-Type", "image/jpeg")
+    connection.putheader("Content-Length", str(50_000_000))
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()
+    started = time.monotonic()
+    response = connection.getresponse()
+    assert response.status == 413 and time.monotonic() - started < DRAIN_IDLE_S
+    assert json.loads(response.read())["reason"] == "too_large"
+    connection.close()

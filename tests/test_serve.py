@@ -11,6 +11,8 @@ import io
 import json
 import struct
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,34 +21,28 @@ import numpy as np
 import pytest
 import ray
 import requests
-import torch
 from PIL import Image
 from ray import serve
+from served_answers import (
+    ATOL,
+    assert_matches_offline,
+    offline_probabilities,
+)
 
 from jobs.benchlib.mutate import encode, png_header_only
 from serve.schemas import FEEDBACK_MAX_BYTES, ServeSettings
 from serve.server_timing import parse_server_timing
 from serve.testing import deployment_options, photo_classes, start_app
 from vitbirds.data import discover_dataset
-from vitbirds.data.images import load_rgb
 from vitbirds.data.sources import samples_for_model
-from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
 from vitbirds.model.files import MODEL_CARD_FILE, LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM, LOGGED_TOP_K, read_log
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
-from vitbirds.precision import FP32, Precision, resolve_precision
 
 BODY_LIMIT = 2_000_000
 CARD = "# Model card: a random-weight test model\n\nFor tests only: ✓ not for birds.\n"
 INGRESS_QUEUE = 16
 CLASSIFIER_QUEUE = 16
-ATOL = 1e-5
-# What a replica computes in with the default settings on this machine (bf16 on a CPU with
-# AMX-BF16): the apps that keep the default are checked against an offline answer at the same
-# precision. bf16 answers of one image alone and in a batch of 8 differed by up to 8e-5 (random
-# vit-cpu weights, 1 and 2 threads alike), hence the looser tolerance there.
-SERVED_PRECISION = resolve_precision(ServeSettings.precision, "cpu")
-TOLERANCE = {"fp32": ATOL, "bf16": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -95,35 +91,6 @@ def url(ray_session, model_dir: Path, log_file: Path) -> Iterator[str]:
     )
     yield start_app(settings, options)
     serve.shutdown()
-
-
-def offline_probabilities(
-    loaded: LoadedModel, data: bytes, precision: Precision = FP32
-) -> torch.Tensor:
-    """What the model says about the file, computed here without Serve: decoded as training
-    decodes (short side image_size * 1.15), eval transform, softmax of the forward pass at
-    `precision`."""
-    meta = loaded.metadata
-    image = load_rgb(data, short_side=round(meta.image_size * EVAL_RESIZE_SCALE))
-    x = eval_transform(meta.image_size, meta.mean, meta.std)(image)
-    with torch.inference_mode(), precision.autocast():
-        logits = loaded.model(x[None])
-    return logits.float().softmax(-1)[0]
-
-
-def assert_matches_offline(
-    predictions: list[dict], expected: torch.Tensor, k: int = 5, atol: float = ATOL
-) -> None:
-    """The returned classes are the offline top-k, with the offline probabilities."""
-    assert len(predictions) == k
-    returned = [p["index"] for p in predictions]
-    for p in predictions:
-        assert p["probability"] == pytest.approx(float(expected[p["index"]]), abs=atol)
-    others = torch.ones_like(expected, dtype=torch.bool)
-    others[returned] = False
-    assert min(p["probability"] for p in predictions) >= float(expected[others].max()) - atol
-    probabilities = [p["probability"] for p in predictions]
-    assert probabilities == sorted(probabilities, reverse=True)
 
 
 def post_image(url: str, data: bytes, path: str = "/predict", **params) -> requests.Response:
@@ -314,6 +281,18 @@ def test_oversized_body_is_refused_before_it_is_sent(url):
     assert response.status == 413
     assert json.loads(response.read())["reason"] == "too_large"
     connection.close()
+
+
+def test_an_oversized_body_sent_whole_reads_its_413_through_serve(url):
+    """urllib sends all 11 MB before it reads the answer: the edge reads the body out first, so
+    the 413 arrives instead of a connection reset (more cases: tests/test_http_edge.py)."""
+    request = urllib.request.Request(
+        url + "/predict", data=bytes(11_000_000), headers={"Content-Type": "image/jpeg"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["reason"] == "too_large"
 
 
 def test_replicas_survive_hostile_inputs(url):

@@ -11,7 +11,7 @@ import torch
 from browser import chromium, open_page, requires_browser, screenshot, wait_for_bars
 from ray import serve
 from selenium.webdriver.common.by import By
-from test_serve import SERVED_PRECISION
+from served_answers import SERVED_PRECISION
 
 from serve.inference import ImagePreprocessor, model_normaliser
 from serve.schemas import ServeSettings

@@ -29,7 +29,12 @@ import httpx
 import pytest
 import requests
 import yaml
-from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
+from served_answers import (
+    SERVED_PRECISION,
+    TOLERANCE,
+    assert_matches_offline,
+    offline_probabilities,
+)
 
 from serve import testing as serve_testing
 from vitbirds.model.files import LoadedModel, load_model

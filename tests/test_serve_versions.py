@@ -9,7 +9,12 @@ import pytest
 import ray
 import requests
 from ray import serve
-from test_serve import SERVED_PRECISION, TOLERANCE, assert_matches_offline, offline_probabilities
+from served_answers import (
+    SERVED_PRECISION,
+    TOLERANCE,
+    assert_matches_offline,
+    offline_probabilities,
+)
 
 from serve.schemas import ServeSettings
 from serve.testing import deployment_options, make_model_dir, start_app

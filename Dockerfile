@@ -38,7 +38,8 @@ WORKDIR /home/ray/app
 COPY --chown=1000:100 requirements.lock pyproject.toml README.md ./
 COPY --chown=1000:100 vitbirds/ vitbirds/
 # requirements.lock, every file checked against its hash: the environment CI tested (.ci/run
-# installs the same file). --no-deps: the lock names every package; this package itself adds none.
+# installs the same file). --no-deps: the lock names every package; this package itself adds none,
+# and --no-build-isolation builds it with the lock's setuptools instead of fetching one unhashed.
 # The one exception is TORCH_INDEX_URL: PyTorch's own index serves other files (2.14.1+cpu, ...)
 # than PyPI's, whose hashes the lock cannot hold, since it is made from PyPI's; torch and
 # torchvision then come from that index pinned by the lock's version only, and the lock's other
@@ -53,7 +54,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         cp requirements.lock /tmp/requirements.lock; \
     fi \
     && python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.lock \
-    && python -m pip install --no-cache-dir --no-deps . \
+    && python -m pip install --no-cache-dir --no-deps --no-build-isolation . \
     && rm -f /tmp/requirements.lock /tmp/torch.txt \
     && python -c "import torch, ray, vitbirds; print(torch.__version__, ray.__version__)"
 COPY --chown=1000:100 jobs/ jobs/

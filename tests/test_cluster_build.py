@@ -233,6 +233,35 @@ def test_dockerfile_builds_on_the_ray_image_and_ends_as_a_non_root_user():
     assert re.findall(r"^WORKDIR (\S+)$", dockerfile, re.M) == [APP_DIR]
 
 
+def test_cloud_build_pins_the_model_digest_when_given_one():
+    build = yaml.safe_load((REPO / "cloudbuild.yaml").read_text())
+    assert build["substitutions"]["_MODEL_SHA256"] == ""
+    render = next(step for step in build["steps"] if step["id"] == "render")
+    script = render["args"][-1]
+    assert 'sha="${_MODEL_SHA256}"' in script and '$${sha:+--model-sha256 "$$sha"}' in script
+
+
+def _pip_installs(text: str) -> list[str]:
+    """Each `pip install` command of a Dockerfile or build step, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [match.group(0).strip() for match in re.finditer(r"pip install[^&;\n]*", joined)]
+
+
+def test_every_pip_install_of_the_image_and_the_build_is_hash_checked():
+    """Nothing is fetched unverified: the lock's packages with --require-hashes, this project
+    built with the lock's setuptools (--no-build-isolation). The one exception is PyTorch's own
+    index for the CPU image, whose files the PyPI-made lock cannot hash (Dockerfile says why)."""
+    installs = [
+        *_pip_installs((REPO / "Dockerfile").read_text()),
+        *_pip_installs((REPO / "cloudbuild.yaml").read_text()),
+    ]
+    assert len(installs) >= 4
+    for segment in installs:
+        torch_index = '--index-url "$TORCH_INDEX_URL"' in segment
+        this_project = "--no-build-isolation" in segment and segment.endswith(" .")
+        assert "--require-hashes" in segment or this_project or torch_index, segment
+
+
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parents decides."""
     parts = path.split("/")

@@ -9,8 +9,9 @@ import torch
 from test_registry import register_model_dir, tiny_model_dir
 
 from vitbirds.errors import ConfigError, ModelFileError, UnsafeModelFileError
-from vitbirds.lifecycle.registry import CHALLENGER, registry_uri
+from vitbirds.lifecycle.registry import CHALLENGER, RegisteredVersion, registry_uri
 from vitbirds.lifecycle.store import (
+    FetchedModel,
     ModelReferenceError,
     default_snapshot_root,
     fetch_model,
@@ -82,6 +83,24 @@ def test_a_registry_uri_names_one_version_whose_files_are_fetched_once(tmp_path,
     assert fetched.label == "vitbirds-v1"
     assert fetched.location == fetched.registered.source
     assert load_model(fetch_model(fetched.location).path).metadata.version == "seed1"
+
+
+@pytest.mark.parametrize(
+    ("source", "location"),
+    [
+        ("gs://bucket/mlruns/1/abc/artifacts/model", "gs://bucket/mlruns/1/abc/artifacts/model"),
+        ("/srv/mlruns/1/abc/artifacts/model", "/srv/mlruns/1/abc/artifacts/model"),
+        ("mlflow-artifacts:/1/abc/artifacts/model", "models:/vitbirds/3"),
+    ],
+)
+def test_a_registered_model_is_fetched_again_by_its_files_or_its_pinned_version(
+    source, location, tmp_path
+) -> None:
+    """Workers and replicas on other nodes re-fetch `location`: storage they can read, or the
+    registry's pinned version when the files sit behind a tracking server."""
+    version = RegisteredVersion("vitbirds", 3, source, run_id="abc", aliases=("champion",))
+    fetched = FetchedModel("models:/vitbirds@champion", tmp_path, version)
+    assert fetched.location == location
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,9 @@ ACCEPTED_REFERENCES = (
 # Not read: snapshots follow VITBIRDS_CACHE. Refused when set, so a deployment that sets it
 # learns where its snapshots go instead of silently writing elsewhere.
 _RETIRED_SNAPSHOT_ENV = "VITBIRDS_MODEL_SNAPSHOTS"
+# Artifact locations pyarrow reads; others (a tracking server's mlflow-artifacts:/) go through
+# the registry.
+_STORAGE_SCHEMES = ("gs://", "s3://", "file://")
 _CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
 
@@ -86,11 +89,14 @@ class FetchedModel:
 
     @property
     def location(self) -> str:
-        """Where any process can fetch the same files again: a registered version's artifact URI
-        (an alias may move, the version's files do not), a storage URI as given, else the
+        """Where any process can fetch the same files again, never through an alias that may
+        move: a registered version's artifact folder when storage can read it (gs://, s3://,
+        file://, a path), else its pinned `models:/NAME/N`; a storage URI as given; else the
         directory."""
         if self.registered is not None:
-            return self.registered.source
+            source = self.registered.source
+            readable = source.startswith(("/", *_STORAGE_SCHEMES))
+            return source if readable else self.registered.uri
         return self.reference if is_uri(self.reference) else str(self.path)
 
     @property
@@ -108,7 +114,7 @@ class ModelVersion:
     """A model resolved for one deployment; picklable, so it travels to every replica."""
 
     reference: str  # what the operator configured, e.g. models/latest or models:/vitbirds@champion
-    source: str  # what any process can fetch it from again: a directory, URI or pinned models:/
+    source: str  # where any process can fetch it again (`FetchedModel.location`)
     sha256: str  # content_digest() of VERSIONED_FILES
     snapshot: str  # the content-addressed copy on the node that resolved it
 

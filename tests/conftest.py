@@ -87,7 +87,9 @@ def cub_valid(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cub_classes(cub_valid: Path) -> list[str]:
-    return sorted(p.name for p in cub_valid.iterdir() if p.is_dir())
+    from serve.testing import photo_classes
+
+    return photo_classes(cub_valid)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from vitbirds.data import discover_dataset, make_synthetic_dataset
 from vitbirds.data.sources import DatasetSplits
 from vitbirds.devices import cpu_name
 from vitbirds.errors import ConfigError
-from vitbirds.evaluation.model_card import MODEL_CARD_FILE, proportion_interval
-from vitbirds.model.files import LoadedModel, load_model
+from vitbirds.evaluation.model_card import proportion_interval
+from vitbirds.model.files import MODEL_CARD_FILE, LoadedModel, load_model
 from vitbirds.model.vit import build_model
 from vitbirds.monitoring.reference import load_reference_profile
 from vitbirds.presets import Recipe

@@ -13,9 +13,8 @@ from typing import Any
 
 from vitbirds.evaluation.evaluate import EvaluationResult
 from vitbirds.evaluation.report import worst_classes
-from vitbirds.model.files import MODEL_CARD_FILE, ModelMetadata
+from vitbirds.model.files import ModelMetadata
 
-__all__ = ["MODEL_CARD_FILE", "proportion_interval", "render_model_card"]
 CARD_WORST_CLASSES = 5
 CARD_CONFUSIONS = 5
 

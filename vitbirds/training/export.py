@@ -28,10 +28,16 @@ from vitbirds.devices import cpu_name
 from vitbirds.errors import ConfigError
 from vitbirds.evaluation.evaluate import EvaluationConfig, EvaluationResult, evaluate_model
 from vitbirds.evaluation.figures import confusion_png, learning_curves_png
-from vitbirds.evaluation.model_card import MODEL_CARD_FILE, render_model_card
+from vitbirds.evaluation.model_card import render_model_card
 from vitbirds.evaluation.report import log_to_tracker, write_report
 from vitbirds.lifecycle.tracking import NullTracker, Tracker
-from vitbirds.model.files import METADATA_FILE, LoadedModel, ModelMetadata, save_model
+from vitbirds.model.files import (
+    METADATA_FILE,
+    MODEL_CARD_FILE,
+    LoadedModel,
+    ModelMetadata,
+    save_model,
+)
 from vitbirds.monitoring.reference import build_reference_profile, save_reference_profile
 from vitbirds.paths import is_uri
 from vitbirds.precision import FP32, Precision

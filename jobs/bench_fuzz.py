@@ -40,6 +40,8 @@ import ray
 import requests
 from PIL import Image
 
+from vitbirds.inference.stand_in import make_model_dir
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray import serve
@@ -48,7 +50,7 @@ from jobs.benchlib.data import add_data_argument, require_data
 from jobs.benchlib.mutate import encode, mutations, png_header_only, seed_images
 from jobs.benchlib.report import report, target
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, photo_classes, start_app
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sandbox import DecodePool
 from vitbirds.errors import ImageDecodeError

@@ -54,28 +54,29 @@ import aiohttp
 import psutil
 import ray
 import requests
-import torch
 import yaml
+
+from vitbirds.inference.stand_in import make_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray import serve
 
 from jobs.benchlib.data import add_data_argument, require_data
+from jobs.benchlib.limit import limit_images_per_second
 from jobs.benchlib.report import report, target
-from serve.inference import BatchPredictor, ImagePreprocessor, top_k
 from serve.schemas import ServeSettings
 from serve.server_timing import parse_server_timing
 from serve.testing import (
     SERVE_MODES,
     answer_status,
     free_port,
-    make_model_dir,
     photo_classes,
     private_haproxy_env,
     slow_sender,
     start_app,
 )
+from vitbirds.inference.scoring import BatchPredictor, ImagePreprocessor, top_k
 from vitbirds.model.files import load_model
 from vitbirds.paths import repo_root
 from vitbirds.precision import PRECISIONS, Precision, resolve_precision
@@ -96,28 +97,6 @@ def load_photos(valid_dir: Path, count: int) -> list[bytes]:
             if round_ < len(files) and len(photos) < count:
                 photos.append(files[round_].read_bytes())
     return photos
-
-
-def limit_images_per_second(
-    model_dir: Path,
-    photos: list[bytes],
-    batch: int,
-    seconds: float,
-    threads: int,
-    precision: Precision,
-) -> float:
-    """Decode + transform + batched forward, back to back, for `seconds`, on `threads` threads."""
-    torch.set_num_threads(threads)
-    loaded = load_model(model_dir)
-    preprocessor = ImagePreprocessor(loaded.metadata)
-    predictor = BatchPredictor(loaded, "cpu", precision)
-    predictor([preprocessor.model_input(p) for p in photos[:batch]])  # warm-up
-    done, started, index = 0, time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        chunk = [photos[(index + i) % len(photos)] for i in range(batch)]
-        predictor([preprocessor.model_input(p) for p in chunk])
-        index, done = index + batch, done + batch
-    return done / (time.perf_counter() - started)
 
 
 NAIVE_STYLES = ("threadpool", "async")

@@ -53,7 +53,6 @@ from serve.http_edge import (
     read_upload,
     unavailable,
 )
-from serve.inference import ClassifierOutput, ImagePreprocessor, top_k
 from serve.metrics import confidence, drift_gauge, dropped_log_records, predictions_by_class
 from serve.model_deployments import AttentionExplainer, Classifier
 from serve.schemas import (
@@ -72,6 +71,7 @@ from serve.server_timing import ServerTiming
 from vitbirds.data.images import load_rgb
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.errors import DecodersBusy, ImageDecodeError
+from vitbirds.inference.scoring import ClassifierOutput, ImagePreprocessor, top_k
 from vitbirds.lifecycle.store import ModelVersion, materialize, resolve
 from vitbirds.model.files import MODEL_CARD_FILE, read_metadata
 from vitbirds.monitoring.predictions import (

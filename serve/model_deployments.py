@@ -2,7 +2,7 @@
 (attention rollout overlays), each loading one resolved model version on its own torch thread.
 
 They receive the ingress's preprocessed uint8 crops, never uploaded bytes, and share the Ray-free
-inference code in serve/inference.py. serve/app.py composes them behind the ingress.
+inference code in vitbirds/inference/scoring.py. serve/app.py composes them behind the ingress.
 """
 
 import asyncio
@@ -17,11 +17,16 @@ import torch
 from ray import serve
 
 from serve.batching import DynamicBatcher
-from serve.inference import BatchPredictor, ClassifierOutput, model_normaliser, render_explanation
 from serve.metrics import batch_sizes
 from serve.schemas import BatchStats, ServeSettings
 from serve.torch_thread import torch_thread
 from vitbirds.devices import resolve_device
+from vitbirds.inference.scoring import (
+    BatchPredictor,
+    ClassifierOutput,
+    model_normaliser,
+    render_explanation,
+)
 from vitbirds.lifecycle.store import ModelVersion, materialize
 from vitbirds.model.files import load_model
 from vitbirds.precision import resolve_precision

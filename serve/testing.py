@@ -1,5 +1,5 @@
-"""Helpers the tests and jobs/bench_serve.py share: a model directory to serve and the app started
-on a local port. Kept here, beside the app, so both start it the same way."""
+"""Helpers the tests and jobs/bench_serve.py share: the app started on a local port, in either of
+its modes. Kept here, beside the app, so both start it the same way."""
 
 import asyncio
 import contextlib
@@ -9,15 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import torch
 from ray import serve
 
 from serve.app import build_app
 from serve.schemas import ServeSettings
-from vitbirds.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from vitbirds.model.baselines import build_classifier
-from vitbirds.model.files import ModelMetadata, save_model
-from vitbirds.presets import get_recipe
 
 DEPLOYMENTS = ("Ingress", "Classifier", "AttentionExplainer")
 
@@ -56,34 +51,6 @@ def private_haproxy_env(directory: Path) -> dict[str, str]:
 def photo_classes(split_dir: Path) -> list[str]:
     """Class names of an ImageFolder split (its sub-directories), sorted."""
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-
-
-def make_model_dir(
-    model_dir: Path,
-    class_names: list[str],
-    *,
-    preset: str = "vit-test",
-    seed: int = 0,
-    architecture: str = "vit",
-) -> Path:
-    """An exported model with random weights: enough to check that serving computes what the
-    model computes, and to time it. `architecture="resnet18"`: the CNN baseline that
-    `jobs/bench_accuracy.py --only resnet` exports (the distillation teacher)."""
-    config = get_recipe(preset).model
-    config.num_classes = len(class_names)
-    torch.manual_seed(seed)
-    metadata = ModelMetadata(
-        model=config.to_dict(),
-        class_names=class_names,
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-        image_size=config.image_size,
-        name=f"{preset if architecture == 'vit' else architecture}-random",
-        version=f"seed{seed}",
-        data={"source": "none", "synthetic": False},
-        architecture=architecture,
-    )
-    return save_model(model_dir, build_classifier(architecture, config), metadata)
 
 
 def free_port() -> int:

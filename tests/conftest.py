@@ -16,6 +16,7 @@ from ray_head import token_auth_head
 from skip_reasons import MISSING_DATA, REAL_PHOTOS_MARK
 from standin_data import CUB, KAGGLE, make_standin_shared_data
 
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.paths import shared_data_dir
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -107,7 +108,6 @@ def photo(photo_file: Path) -> bytes:
 def model_dir(tmp_path_factory: pytest.TempPathFactory, cub_classes: list[str]) -> Path:
     """A random-weight vit-test model of cub100's species, one per test module (what a module
     serves may write beside it)."""
-    from serve.testing import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("model") / "model", cub_classes)
 

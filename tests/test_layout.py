@@ -8,6 +8,7 @@ The stages, lowest first; a module imports from its own stage and the ones below
     data        datasets, decoding, transforms
     evaluation  metrics, reports, agreement
     monitoring  drift and decay
+    inference   scoring photos with an exported model: one path for Serve and batch prediction
     settings    vitbirds/settings.py: every run setting, the CLIs built from it
     training    the loop, run set-up, export, sweeps
     ray_adapter Ray Train, Tune and Data
@@ -59,8 +60,8 @@ def _violations(rule) -> list[str]:
 
 
 STAGES = (
-    "core", "model", "lifecycle", "data", "evaluation", "monitoring", "settings", "training",
-    "ray_adapter", "serve", "jobs",
+    "core", "model", "lifecycle", "data", "evaluation", "monitoring", "inference", "settings",
+    "training", "ray_adapter", "serve", "jobs",
 )  # fmt: skip
 
 

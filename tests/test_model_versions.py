@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from test_registry import register_model_dir, tiny_model_dir
 
-from serve.testing import make_model_dir
 from vitbirds.errors import ModelFileError
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.lifecycle.registry import CHALLENGER, registry_uri
 from vitbirds.lifecycle.store import ModelVersionMismatchError, content_digest, materialize, resolve
 from vitbirds.model.files import METADATA_FILE, WEIGHTS_FILE, read_metadata

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 from jobs import evaluate as evaluate_cli
 from jobs import train as train_cli
 from jobs import tune as tune_cli
-from serve.inference import BatchPredictor, ImagePreprocessor
 from serve.schemas import ServeSettings
 from vitbirds.config import DataConfig, ModelConfig, TrainConfig
 from vitbirds.data import ImageDataset, discover_dataset, eval_transform, make_synthetic_dataset
@@ -19,6 +18,7 @@ from vitbirds.data.sources import DatasetSplits
 from vitbirds.errors import ConfigError
 from vitbirds.evaluation.agreement import precision_agreement
 from vitbirds.evaluation.evaluate import EvaluationConfig, evaluate_model
+from vitbirds.inference.scoring import BatchPredictor, ImagePreprocessor
 from vitbirds.model import vit as vit_module
 from vitbirds.model.files import LoadedModel, load_model, save_model
 from vitbirds.model.vit import Attention, build_model

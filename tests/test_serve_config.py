@@ -6,8 +6,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve.app import app
 from serve.schemas import MODEL_DIR_ENV, ServeSettings
-from serve.testing import make_model_dir
 from vitbirds.errors import ConfigError
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.lifecycle.store import content_digest
 from vitbirds.paths import CACHE_ENV, repo_root
 

@@ -6,10 +6,10 @@ import io
 import torch
 from PIL import Image
 
-from serve.inference import BatchPredictor, ImagePreprocessor, model_normaliser
-from serve.testing import make_model_dir
 from vitbirds.data.images import load_rgb
 from vitbirds.data.transforms import EVAL_RESIZE_SCALE, eval_transform
+from vitbirds.inference.scoring import BatchPredictor, ImagePreprocessor, model_normaliser
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.model.files import LoadedModel, load_model
 from vitbirds.monitoring.predictions import EMBEDDING_DIM
 

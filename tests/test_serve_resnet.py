@@ -13,9 +13,10 @@ from ray import serve
 from selenium.webdriver.common.by import By
 from served_answers import SERVED_PRECISION
 
-from serve.inference import ImagePreprocessor, model_normaliser
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, start_app
+from serve.testing import deployment_options, start_app
+from vitbirds.inference.scoring import ImagePreprocessor, model_normaliser
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.model.files import LoadedModel, load_model
 
 

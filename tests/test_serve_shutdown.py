@@ -11,7 +11,8 @@ import httpx
 from ray import serve
 
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, photo_classes, start_app
+from serve.testing import deployment_options, photo_classes, start_app
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.monitoring.predictions import read_log
 
 APP = "vitbirds-shutdown"

@@ -17,7 +17,8 @@ from served_answers import (
 )
 
 from serve.schemas import ServeSettings
-from serve.testing import deployment_options, make_model_dir, start_app
+from serve.testing import deployment_options, start_app
+from vitbirds.inference.stand_in import make_model_dir
 from vitbirds.lifecycle.store import content_digest
 from vitbirds.model.files import load_model
 from vitbirds.paths import CACHE_ENV

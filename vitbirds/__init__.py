@@ -9,8 +9,8 @@ Where things are decided, one file each:
 - where outputs and the cache go: `paths.py`.
 
 The packages are stages, and imports only run down them (tests/test_layout.py checks it):
-ray_adapter -> training -> settings -> monitoring -> evaluation -> data -> lifecycle -> model ->
-core (the top-level modules); `serve/` and `jobs/` sit above the library.
+ray_adapter -> training -> settings -> inference -> monitoring -> evaluation -> data -> lifecycle
+-> model -> core (the top-level modules); `serve/` and `jobs/` sit above the library.
 """
 
 __version__ = "0.1.0"

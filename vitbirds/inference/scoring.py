@@ -1,12 +1,14 @@
-"""The serving work that does not need Ray: uploaded bytes -> model input, a batch -> outputs,
-one image -> attention overlay. The deployments in serve/model_deployments.py wrap these, and the
-benchmark's naive baseline and its throughput limit run the very same code without Serve.
+"""Scoring without Ray: photo bytes -> model input, a batch -> outputs, one image -> attention
+overlay. Serve's deployments (serve/model_deployments.py) and batch prediction's Ray Data stages
+(vitbirds/ray_adapter/predict.py) wrap these, and the benchmarks' naive baselines and throughput
+limits run the very same code without either.
 
 Photos are decoded exactly as training and evaluation decode them (`load_rgb` at the short side
 `image_size * EVAL_RESIZE_SCALE`, then `eval_transform`), so a served prediction is the prediction
 `jobs/evaluate.py` would make for the same file. The transform is split where it is cheapest to
-ship: the ingress resizes and crops to a uint8 image, and the model deployments normalise it
-(the same ops, per image): 150 KB instead of 600 KB per 224-px photo on every hop.
+ship: the decoding side (Serve's ingress, batch prediction's decode stage) resizes and crops to a
+uint8 image, and the model side normalises it (the same ops, per image): 150 KB instead of 600 KB
+per 224-px photo on every hop.
 """
 
 import time

@@ -5,8 +5,8 @@ use it as it is. The cluster runs the same applications with two differences, an
 writes that variant into cluster/rayservice.yaml, leaving the rest of the file (comments
 included) untouched:
 
-- the model directory: a path on the bucket mount (/mnt/vitbirds, see cluster/storage.yaml)
-  instead of the local `models/latest`;
+- the model directory: a path under the Serve pods' read-only models mount
+  (/mnt/vitbirds/models, see cluster/serve-access.yaml) instead of the local `models/latest`;
 - the Classifier replicas ask for a GPU, or explicitly none when rendered for CPU;
 - optionally the model version's content digest (`--model-sha256`, what
   `vitbirds.lifecycle.store.content_digest` prints for the directory): the deployment then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From a Google Cloud project to a GKE cluster that `kubectl apply -k cluster` (or Cloud Build)
-# can deploy vitbirds to: Artifact Registry, the bucket, the cluster with a GPU node pool, the
-# KubeRay operator, Workload Identity for the Ray pods, the Ray auth token, and a service account
+# can deploy vitbirds to: Artifact Registry, the bucket, the cluster with a GPU node pool and
+# NetworkPolicy enforcement, Private Google Access for the Serve pods, the KubeRay operator, the
+# two namespaces, Workload Identity for the Ray pods, the Ray auth tokens, and a service account
 # for Cloud Build.
 #
 # Idempotent: each step looks before it creates, so rerun it after a failure or to add what is
@@ -16,14 +17,23 @@ ZONE="${ZONE:-us-central1-a}"              # the cluster (zonal: one free contro
 CLUSTER="${CLUSTER:-vitbirds}"
 REPOSITORY="${REPOSITORY:-vitbirds}"       # Artifact Registry repository for the image
 BUCKET="${BUCKET:-${PROJECT_ID}-vitbirds}" # data, runs, models; mounted at /mnt/vitbirds
-NAMESPACE="${NAMESPACE:-vitbirds}"         # must match cluster/kustomization.yaml
-KSA="${KSA:-vitbirds-ray}"                 # the Ray pods' ServiceAccount (cluster/storage.yaml)
-TOKEN_SECRET="${TOKEN_SECRET:-vitbirds-ray-token}"  # authOptions.secretName in cluster/*.yaml
-# The Serve cluster's own: its pods decode uploads, so they get neither the shared Ray token nor
-# the bucket identity above (cluster/serve-access.yaml, cluster/networkpolicy.yaml).
+# The names the manifests use (cluster/namespace.yaml, storage.yaml, serve-access.yaml and the
+# clusters' authOptions): change both together.
+NAMESPACE="${NAMESPACE:-vitbirds}"         # the dev and training clusters
+KSA="${KSA:-vitbirds-ray}"                 # their pods' ServiceAccount: the whole bucket
+TOKEN_SECRET="${TOKEN_SECRET:-vitbirds-ray-token}"  # their Ray token
+# The Serve cluster's own namespace: its pods decode uploads, so they get neither the shared Ray
+# token nor the bucket identity above (cluster/namespace.yaml says why a namespace).
+SERVE_NAMESPACE="${SERVE_NAMESPACE:-vitbirds-serve}"
 SERVE_TOKEN_SECRET="${SERVE_TOKEN_SECRET:-vitbirds-serve-ray-token}"
-SERVE_KSA="${SERVE_KSA:-vitbirds-serve}"
+SERVE_KSA="${SERVE_KSA:-vitbirds-serve}"   # its workers: models read, predictions write
+SERVE_HEAD_KSA="${SERVE_HEAD_KSA:-vitbirds-serve-head}"  # its head: models read
 WRITE_TOKEN_SECRET="${WRITE_TOKEN_SECRET:-vitbirds-write-token}"  # /feedback's shared secret
+# Private Google Access: a private Cloud DNS zone makes *.googleapis.com resolve, in the
+# cluster's VPC, to private.googleapis.com, whose addresses are google_apis_cidr in
+# cluster/settings.env, the only Google API range the Serve pods' NetworkPolicy lets them reach.
+GOOGLEAPIS_ZONE="${GOOGLEAPIS_ZONE:-vitbirds-googleapis}"
+PRIVATE_GOOGLEAPIS_IPS="${PRIVATE_GOOGLEAPIS_IPS:-199.36.153.8,199.36.153.9,199.36.153.10,199.36.153.11}"
 BUILD_SA="${BUILD_SA:-vitbirds-build}"     # Cloud Build runs as this service account
 CPU_MACHINE="${CPU_MACHINE:-e2-standard-8}"
 CPU_MAX_NODES="${CPU_MAX_NODES:-4}"
@@ -46,7 +56,7 @@ gc=(--project "$PROJECT_ID")
 
 log "APIs"
 gcloud services enable "${gc[@]}" container.googleapis.com artifactregistry.googleapis.com \
-  cloudbuild.googleapis.com storage.googleapis.com
+  cloudbuild.googleapis.com storage.googleapis.com dns.googleapis.com
 
 log "Artifact Registry repository $REPOSITORY in $REGION"
 if ! gcloud artifacts repositories describe "$REPOSITORY" "${gc[@]}" --location "$REGION" \
@@ -68,6 +78,7 @@ if ! gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" >/d
   gcloud container clusters create "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
     --release-channel regular \
     --workload-pool "$PROJECT_ID.svc.id.goog" \
+    --enable-dataplane-v2 \
     --addons "$addons" \
     --enable-managed-prometheus \
     --machine-type "$CPU_MACHINE" \
@@ -91,6 +102,14 @@ else
       || gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
         --update-addons RayOperator=ENABLED
   fi
+  # Without enforcement the NetworkPolicies are only text. Dataplane V2 can be chosen only when
+  # a cluster is created; an older cluster gets Calico instead (GKE recreates its nodes).
+  if [[ "$(enabled networkConfig.datapathProvider)" != ADVANCED_DATAPATH \
+    && "$(enabled networkPolicy.enabled)" != True ]]; then
+    gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+      --update-addons NetworkPolicy=ENABLED
+    gcloud container clusters update "$CLUSTER" "${gc[@]}" --zone "$ZONE" --enable-network-policy
+  fi
 fi
 
 log "GPU node pool ($GPU_TYPE on $GPU_MACHINE, 0..$GPU_MAX_NODES nodes)"
@@ -103,6 +122,31 @@ if ! gcloud container node-pools describe gpu "${gc[@]}" --cluster "$CLUSTER" --
     --workload-metadata GKE_METADATA \
     --num-nodes 0 --enable-autoscaling --min-nodes 0 --max-nodes "$GPU_MAX_NODES"
 fi
+
+log "Private Google Access: *.googleapis.com -> private.googleapis.com in the cluster's VPC"
+network="$(gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+  --format 'value(network)')"
+subnet="$(gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
+  --format 'value(subnetwork)')"
+gcloud compute networks subnets update "$subnet" "${gc[@]}" --region "${ZONE%-*}" \
+  --enable-private-ip-google-access
+# The zone answers for every googleapis.com name queried from this VPC, not only the cluster's.
+# A VPC that has one already (restricted.googleapis.com for VPC Service Controls, say): set
+# GOOGLEAPIS_ZONE to it and google_apis_cidr to the range its records name.
+if ! gcloud dns managed-zones describe "$GOOGLEAPIS_ZONE" "${gc[@]}" >/dev/null 2>&1; then
+  gcloud dns managed-zones create "$GOOGLEAPIS_ZONE" "${gc[@]}" --visibility private \
+    --networks "$network" --dns-name googleapis.com. \
+    --description "googleapis.com through private.googleapis.com (vitbirds)"
+fi
+record() { # NAME TYPE DATA
+  if ! gcloud dns record-sets describe "$1" "${gc[@]}" --zone "$GOOGLEAPIS_ZONE" --type "$2" \
+    >/dev/null 2>&1; then
+    gcloud dns record-sets create "$1" "${gc[@]}" --zone "$GOOGLEAPIS_ZONE" --type "$2" \
+      --ttl 300 --rrdatas "$3"
+  fi
+}
+record private.googleapis.com. A "$PRIVATE_GOOGLEAPIS_IPS"
+record '*.googleapis.com.' CNAME private.googleapis.com.
 
 gcloud container clusters get-credentials "$CLUSTER" "${gc[@]}" --zone "$ZONE"
 
@@ -122,18 +166,20 @@ auth_field="$(kubectl get crd rayclusters.ray.io -o jsonpath='{.spec.versions[?(
 [[ "$auth_field" == object ]] \
   || die "RayCluster CRD without authOptions (KubeRay < 1.5.1): use KUBERAY_INSTALL=helm"
 
-log "namespace $NAMESPACE and the Ray auth token"
-kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
-# Created once and never rotated by a rerun; a token goes through a pipe, not argv.
-make_secret() { # NAME KEY
-  if ! kubectl -n "$NAMESPACE" get secret "$1" >/dev/null 2>&1; then
+log "namespaces $NAMESPACE and $SERVE_NAMESPACE (Pod Security restricted) and their tokens"
+# The manifests' own Namespace objects, so their Pod Security labels hold before any pod exists.
+kubectl apply -f "$(dirname "${BASH_SOURCE[0]}")/namespace.yaml"
+# Created once and never rotated by a rerun; a token goes through a pipe, not argv. Each Secret
+# lives where the pods that read it do: a pod can name only Secrets of its own namespace.
+make_secret() { # NAMESPACE NAME KEY
+  if ! kubectl -n "$1" get secret "$2" >/dev/null 2>&1; then
     openssl rand -hex 32 | tr -d '\n' \
-      | kubectl -n "$NAMESPACE" create secret generic "$1" --from-file="$2=/dev/stdin"
+      | kubectl -n "$1" create secret generic "$2" --from-file="$3=/dev/stdin"
   fi
 }
-make_secret "$TOKEN_SECRET" auth_token
-make_secret "$SERVE_TOKEN_SECRET" auth_token
-make_secret "$WRITE_TOKEN_SECRET" token
+make_secret "$NAMESPACE" "$TOKEN_SECRET" auth_token
+make_secret "$SERVE_NAMESPACE" "$SERVE_TOKEN_SECRET" auth_token
+make_secret "$SERVE_NAMESPACE" "$WRITE_TOKEN_SECRET" token
 
 log "Workload Identity: $NAMESPACE/$KSA may read and write gs://$BUCKET"
 project_number="$(gcloud projects describe "$PROJECT_ID" --format 'value(projectNumber)')"
@@ -141,19 +187,26 @@ ksa_member="principal://iam.googleapis.com/projects/$project_number/locations/gl
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
   --member "$ksa_member" --role roles/storage.objectUser >/dev/null
 
-log "Workload Identity: $NAMESPACE/$SERVE_KSA may read gs://$BUCKET/models/ and write predictions/"
-serve_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$NAMESPACE/sa/$SERVE_KSA"
+log "Workload Identity: $SERVE_NAMESPACE/$SERVE_KSA may read gs://$BUCKET/models/ and write predictions/"
+serve_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$SERVE_NAMESPACE/sa/$SERVE_KSA"
 objects="projects/_/buckets/$BUCKET/objects"
 # Listing is checked on the bucket itself (GCSFuse lists), reading and writing on each object.
 bucket_type='resource.type == "storage.googleapis.com/Bucket"'
+models_read="$bucket_type || resource.name.startsWith(\"$objects/models/\")"
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
   --member "$serve_member" --role roles/storage.objectViewer \
-  --condition "title=serve-models-read,expression=$bucket_type || resource.name.startsWith(\"$objects/models/\")" \
-  >/dev/null
+  --condition "title=serve-models-read,expression=$models_read" >/dev/null
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
   --member "$serve_member" --role roles/storage.objectUser \
   --condition "title=serve-predictions-write,expression=resource.name.startsWith(\"$objects/predictions/\")" \
   >/dev/null
+
+log "Workload Identity: $SERVE_NAMESPACE/$SERVE_HEAD_KSA may read gs://$BUCKET/models/"
+# Serve's application build task, which resolves the model directory, can run on the head.
+head_member="principal://iam.googleapis.com/projects/$project_number/locations/global/workloadIdentityPools/$PROJECT_ID.svc.id.goog/subject/ns/$SERVE_NAMESPACE/sa/$SERVE_HEAD_KSA"
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
+  --member "$head_member" --role roles/storage.objectViewer \
+  --condition "title=serve-head-models-read,expression=$models_read" >/dev/null
 
 log "Cloud Build service account $BUILD_SA"
 build_sa="$BUILD_SA@$PROJECT_ID.iam.gserviceaccount.com"
@@ -173,11 +226,16 @@ gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" "${gc[@]}" \
 log "done"
 pod_cidr="$(gcloud container clusters describe "$CLUSTER" "${gc[@]}" --zone "$ZONE" \
   --format 'value(clusterIpv4Cidr)')"
-echo "The pods' range for cluster/settings.env (pod_cidr, _POD_CIDR in Cloud Build): $pod_cidr"
+# Where the Service `kubernetes` leads: what the Serve head's autoscaler connects to.
+api_server="$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes \
+  -o jsonpath='{.items[0].endpoints[0].addresses[0]}')"
 cat <<EOF
-Cluster $CLUSTER is ready. Next (cluster/README.md has the details):
+Cluster $CLUSTER is ready. For cluster/settings.env (Cloud Build: _POD_CIDR, _API_SERVER_CIDR):
+  pod_cidr=$pod_cidr
+  api_server_cidr=$api_server/32
+Next (cluster/README.md has the details):
   gcloud storage cp -r ../shared/data/cub100 gs://$BUCKET/data/
   gcloud builds submit --config cloudbuild.yaml \\
-    --substitutions=_BUCKET=$BUCKET,_REGION=$REGION,_ZONE=$ZONE,_CLUSTER=$CLUSTER,_REPOSITORY=$REPOSITORY,_TAG=\$(git rev-parse --short HEAD) \\
+    --substitutions=_BUCKET=$BUCKET,_SERVE_CLIENTS_CIDR=YOUR_CLIENTS_CIDR,_POD_CIDR=$pod_cidr,_API_SERVER_CIDR=$api_server/32,_REGION=$REGION,_ZONE=$ZONE,_CLUSTER=$CLUSTER,_REPOSITORY=$REPOSITORY,_TAG=\$(git rev-parse --short HEAD) \\
     --service-account=projects/$PROJECT_ID/serviceAccounts/$build_sa
 EOF

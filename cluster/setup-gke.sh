@@ -29,6 +29,7 @@ SERVE_TOKEN_SECRET="${SERVE_TOKEN_SECRET:-vitbirds-serve-ray-token}"
 SERVE_KSA="${SERVE_KSA:-vitbirds-serve}"   # its workers: models read, predictions write
 SERVE_HEAD_KSA="${SERVE_HEAD_KSA:-vitbirds-serve-head}"  # its head: models read
 WRITE_TOKEN_SECRET="${WRITE_TOKEN_SECRET:-vitbirds-write-token}"  # /feedback's shared secret
+API_KEYS_SECRET="${API_KEYS_SECRET:-vitbirds-api-keys}"  # /predict and /explain: one key to start
 # Private Google Access: a private Cloud DNS zone makes *.googleapis.com resolve, in the
 # cluster's VPC, to private.googleapis.com, whose addresses are google_apis_cidr in
 # cluster/settings.env, the only Google API range the Serve pods' NetworkPolicy lets them reach.
@@ -180,6 +181,7 @@ make_secret() { # NAMESPACE NAME KEY
 make_secret "$NAMESPACE" "$TOKEN_SECRET" auth_token
 make_secret "$SERVE_NAMESPACE" "$SERVE_TOKEN_SECRET" auth_token
 make_secret "$SERVE_NAMESPACE" "$WRITE_TOKEN_SECRET" token
+make_secret "$SERVE_NAMESPACE" "$API_KEYS_SECRET" keys
 
 log "Workload Identity: $NAMESPACE/$KSA may read and write gs://$BUCKET"
 project_number="$(gcloud projects describe "$PROJECT_ID" --format 'value(projectNumber)')"

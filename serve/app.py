@@ -36,6 +36,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve.access import Access, ApiKeys, RateLimiter
 from serve.body_deadline import BodyDeadline, BodyDeadlineMiddleware
 from serve.drift_gauges import DriftWatcher
 from serve.http_edge import (
@@ -51,6 +52,7 @@ from serve.http_edge import (
     error_response,
     limited_body,
     read_upload,
+    refused_before_reading,
     unavailable,
 )
 from serve.metrics import confidence, drift_gauge, dropped_log_records, predictions_by_class
@@ -141,6 +143,9 @@ class Ingress:
         self.explainer = explainer
         self.settings = settings
         self.version = version
+        self.access = Access(
+            ApiKeys.from_environment(), RateLimiter(settings.api_rate_per_s, settings.api_burst)
+        )
         api.state.body_deadline = BodyDeadline(
             total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s
         )
@@ -195,6 +200,14 @@ class Ingress:
         if getattr(self, "decode_pool", None) is not None:
             self.decode_pool.close()
 
+    def _admit(self, request: Request) -> None:
+        """401 without a valid API key, 429 over the key's rate (serve/access.py), before the
+        upload is read."""
+        try:
+            self.access.admit(request.headers)
+        except InputRejected as rejection:
+            raise refused_before_reading(request, rejection) from None
+
     def _publish_drift(self, gauges: dict[str, float]) -> None:
         for name, value in gauges.items():
             drift_gauge(name).set(value, tags={"model_version": self.metadata.version})
@@ -244,6 +257,7 @@ class Ingress:
         summary="Top-k species for a photo (multipart field 'file', or the raw image body)",
     )
     async def predict(self, request: Request, response: Response, top_k: int | None = TOP_K) -> Any:
+        self._admit(request)
         timing = ServerTiming()
         data = await read_upload(request, self.settings.max_body_bytes)
         timing.mark("read")
@@ -273,6 +287,7 @@ class Ingress:
         "Accept: application/json",
     )
     async def explain(self, request: Request, top_k: int | None = TOP_K) -> Any:
+        self._admit(request)
         if not self.metadata.attention_maps:
             # A CNN baseline (e.g. the ResNet-18 teacher) is served for /predict, but has no
             # attention to draw: say so before reading the upload.
@@ -383,6 +398,7 @@ class Ingress:
             created_at=m.created_at,
             code_version=m.code_version,
             model_card=self.model_card is not None,
+            api_key_required=self.access.keys.required,
         )
 
     @api.get(

@@ -37,11 +37,14 @@ MAX_TOP_K = 1000
 class InputRejected(Exception):
     """A request we refuse on purpose: becomes `status` with {"error", "reason"}."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.headers = headers or {}
 
 
 def error_response(
@@ -53,9 +56,10 @@ def error_response(
 
 
 async def _input_rejected(request: Request, exc: InputRejected) -> JSONResponse:
-    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
+    defaults = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
+    headers = {**(defaults or {}), **exc.headers}
     if request.scope.get(_BODY_LEFT) and not await drain_body(request):
-        headers = {**(headers or {}), "Connection": "close"}
+        headers["Connection"] = "close"
     return error_response(exc.status, exc.reason, exc.message, headers=headers)
 
 
@@ -67,6 +71,13 @@ async def _input_rejected(request: Request, exc: InputRejected) -> JSONResponse:
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
 DRAIN_IDLE_S = 1.0
 _BODY_LEFT = "vitbirds.body_left"  # set in the request's scope: a refused body was not read out
+
+
+def refused_before_reading(request: Request, rejection: InputRejected) -> InputRejected:
+    """`rejection`, for a request whose body has not been read at all: it is drained before
+    the answer goes out, as a 413's is."""
+    request.scope[_BODY_LEFT] = True
+    return rejection
 
 
 async def drain_body(request: Request) -> bool:

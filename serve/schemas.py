@@ -62,13 +62,17 @@ class ServeSettings:
     log_max_age_s: float = 24 * 3600.0
     log_keep: int = 14
     feedback_max_age_s: float = 24 * 3600.0  # labels for older predictions are refused
+    # Where $VITBIRDS_API_KEYS holds keys (serve/access.py), each key may make this many
+    # /predict and /explain requests a second, in bursts of api_burst, per Ingress replica.
+    api_rate_per_s: float = 10.0
+    api_burst: int = 20
 
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ConfigError(f"no model: set args.model_dir or ${MODEL_DIR_ENV}")
         positive = ("max_body_bytes", "max_pixels", "default_top_k", "display_size")
         positive += ("decode_timeout_s", "decode_memory_mb", "decode_wait_s", "log_max_bytes")
-        positive += ("log_max_age_s",)
+        positive += ("log_max_age_s", "api_rate_per_s", "api_burst")
         positive += ("log_keep", "feedback_max_age_s", "body_timeout_s", "body_idle_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -184,4 +188,9 @@ class ModelInfo(BaseModel):
     code_version: str
     model_card: bool = Field(
         default=False, description="GET /model/card answers the model card (Markdown)"
+    )
+    api_key_required: bool = Field(
+        default=False,
+        description="POST /predict and /explain need 'Authorization: Bearer KEY' or "
+        "'X-API-Key: KEY' (401 without; 429 over the key's rate)",
     )

@@ -440,6 +440,7 @@ def test_setup_script_puts_the_serve_identities_and_secrets_in_the_serve_namespa
         "TOKEN_SECRET": "NAMESPACE",
         "SERVE_TOKEN_SECRET": "SERVE_NAMESPACE",
         "WRITE_TOKEN_SECRET": "SERVE_NAMESPACE",
+        "API_KEYS_SECRET": "SERVE_NAMESPACE",
     }
     assert 'kubectl apply -f "$(dirname "${BASH_SOURCE[0]}")/namespace.yaml"' in script
     assert "--enable-dataplane-v2" in script, "NetworkPolicies need an enforcing dataplane"

@@ -68,14 +68,19 @@ def test_containers_run_as_non_root_with_limits(item):
         assert {"cpu", "memory"} <= set(limits), where
 
 
-def test_serve_workers_read_the_write_token_from_a_secret_not_the_manifest():
+@pytest.mark.parametrize(
+    ("variable", "secret"),
+    [("VITBIRDS_WRITE_TOKEN", "vitbirds-write-token"), ("VITBIRDS_API_KEYS", "vitbirds-api-keys")],
+)
+def test_serve_workers_read_the_write_token_and_api_keys_from_secrets(variable, secret):
+    """The write token guards /feedback; the API keys turn on keys and rate limits for
+    /predict and /explain (serve/access.py), which the README's local mode leaves off."""
     for where, _, container in manifests.ray_containers(manifests.rayservice()):
         if where.startswith("head/"):
             continue
         env = {e["name"]: e for e in container.get("env", [])}
-        token = env["VITBIRDS_WRITE_TOKEN"]
-        assert "value" not in token, where
-        assert token["valueFrom"]["secretKeyRef"]["name"] == "vitbirds-write-token", where
+        assert "value" not in env[variable], where
+        assert env[variable]["valueFrom"]["secretKeyRef"]["name"] == secret, where
 
 
 def test_serve_head_holds_neither_the_write_token_nor_the_prediction_log():
@@ -84,7 +89,7 @@ def test_serve_head_holds_neither_the_write_token_nor_the_prediction_log():
     (head,) = [spec for group, spec in _serve_pod_specs() if group == "head"]
     (container,) = head["containers"]
     env = {e["name"] for e in container.get("env", [])}
-    assert not env & {"VITBIRDS_WRITE_TOKEN", "VITBIRDS_PREDICTION_LOG"}
+    assert not env & {"VITBIRDS_WRITE_TOKEN", "VITBIRDS_API_KEYS", "VITBIRDS_PREDICTION_LOG"}
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for v in head["volumes"]

@@ -49,12 +49,14 @@ GIB = 1024**3
 
 
 class NodeMemory:
-    """Peak of the whole node's used memory (total - available) above a baseline, sampled."""
+    """Peak of the whole node's used memory (total - available) above a baseline, sampled, and
+    which processes held what at that peak (RSS by kind), to see where memory goes."""
 
     def __init__(self, interval_s: float = 0.25) -> None:
         self.interval_s = interval_s
         self.baseline = self._used()
         self.peak = self.baseline
+        self.at_peak: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -63,9 +65,26 @@ class NodeMemory:
         memory = psutil.virtual_memory()
         return memory.total - memory.available
 
+    @staticmethod
+    def _by_process_kind() -> dict[str, float]:
+        """RSS in GiB per kind of process: Ray's own name for its workers, else the program."""
+        found: dict[str, float] = {}
+        for process in psutil.process_iter(["cmdline", "memory_info"]):
+            command = process.info["cmdline"] or []
+            memory = process.info["memory_info"]
+            if not command or memory is None:
+                continue
+            kind = command[0] if command[0].startswith("ray::") else Path(command[0]).name
+            if "-c" in command and "worker_main" in " ".join(command):
+                kind = "decode process"
+            found[kind] = found.get(kind, 0.0) + memory.rss / GIB
+        return {k: round(v, 3) for k, v in sorted(found.items(), key=lambda kv: -kv[1])[:8]}
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._used())
+            used = self._used()
+            if used > self.peak:
+                self.peak, self.at_peak = used, self._by_process_kind()
 
     def __enter__(self) -> "NodeMemory":
         self._thread.start()
@@ -127,6 +146,7 @@ def timed_run(work: Path, model_dir: Path, photos: list[str], name: str) -> dict
         "seconds": round(summary.seconds, 1),
         "photos_per_s": round(summary.images_per_s, 1),
         "peak_node_memory_gib": round(memory.above_baseline_gib, 3),
+        "rss_gib_at_peak": memory.at_peak,
         "actors": f"{job.workers} model x {job.cpus_per_worker} CPU, "
         f"{job.decoders} decode x {job.decode_cpus:g} CPU",
     }

@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decode-cpus", type=_non_negative_float, metavar="X",
         help="CPUs each decode actor reserves (default: 0 locally, sharing the model actors' "
              "cores; 1 on a cluster)")  # fmt: skip
+    add("--max-in-flight-mb", type=_positive_int, default=defaults.max_in_flight_mb, metavar="MB",
+        help="object store memory for blocks in flight; raise it for many GPU actors "
+             f"(default: {defaults.max_in_flight_mb})")  # fmt: skip
     add("--use-gpu", action="store_true", help="one GPU per model actor")
     add("--embeddings", action="store_true", help="add each photo's CLS embedding (for drift)")
     add("--shard-size", type=_positive_int, default=SHARD_SIZE, metavar="N",
@@ -132,6 +135,7 @@ def build_job(args: argparse.Namespace, cpus: int, *, local: bool) -> PredictJob
         precision=args.precision,
         embeddings=args.embeddings,
         shard_size=args.shard_size,
+        max_in_flight_mb=args.max_in_flight_mb,
         overwrite=args.overwrite,
         tracking_uri=registry_uri(output_path(args.storage_path)),
     )

@@ -60,6 +60,10 @@ class PredictJob:
     precision: str = "auto"
     embeddings: bool = False  # add each photo's CLS embedding (what drift checks compare)
     shard_size: int = 4096
+    # Ray Data's object store budget for this run's blocks in flight. Bounded, the store reuses
+    # the same memory; unbounded, Ray Data may spread blocks over the whole store (30 % of RAM),
+    # whose pages stay resident once touched, so node memory would creep up with the photos.
+    max_in_flight_mb: int = 512
     overwrite: bool = False
     tracking_uri: str | None = None  # of a models:/ reference's registry
     decode_timeout_s: float = 5.0
@@ -226,6 +230,10 @@ def _score(
     expected: dict[int, int] = defaultdict(int)
     for item in pending:
         expected[item["shard"]] += 1
+    context = ray.data.DataContext.get_current()
+    context.execution_options.resource_limits = ray.data.ExecutionResources(
+        object_store_memory=job.max_in_flight_mb * 1024 * 1024
+    )
     dataset = ray.data.from_items(pending, override_num_blocks=max(1, len(pending) // 256))
     dataset = dataset.map_batches(
         DecodePhotos,

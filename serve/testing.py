@@ -4,11 +4,15 @@ its modes. Kept here, beside the app, so both start it the same way."""
 import asyncio
 import contextlib
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
+import uvicorn
+from fastapi import FastAPI
 from ray import serve
 
 from serve.app import build_app
@@ -128,3 +132,20 @@ def answer_status(answer: bytes) -> str:
     """The status code of a raw HTTP answer, or "none"."""
     parts = answer.split(b" ", 2)
     return parts[1].decode() if answer.startswith(b"HTTP/") and len(parts) > 1 else "none"
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(api: FastAPI) -> Iterator[str]:
+    """`api` on a real HTTP server on 127.0.0.1, in a thread of this process: for tests of the
+    HTTP edge without Ray. Yields the base URL; stops the server on exit."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

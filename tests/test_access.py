@@ -2,19 +2,16 @@
 their 401/429 reaching a client that sends its whole upload first, on a real server (through
 Serve, with the web page: tests/test_serve_access.py)."""
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
-import uvicorn
 from fastapi import FastAPI
 from starlette.requests import Request
 
 from serve.access import API_KEYS_ENV, Access, ApiKeys, RateLimiter, key_id
 from serve.http_edge import InputRejected, add_error_handlers, read_upload, refused_before_reading
-from serve.testing import free_port
+from serve.testing import uvicorn_in_thread
 from vitbirds.errors import ConfigError
 
 KEY, OTHER_KEY = "k" * 16 + "-first", "k" * 16 + "-second"
@@ -109,15 +106,8 @@ def guarded_url() -> Iterator[str]:
             raise refused_before_reading(request, rejection) from None
         return {"size": len(await read_upload(request, 10_000_000))}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(api) as url:
+        yield url
 
 
 def test_the_401_and_the_429_reach_a_client_that_sends_its_whole_upload(guarded_url) -> None:

@@ -4,7 +4,6 @@ the same answers through Serve: tests/test_serve.py)."""
 
 import http.client
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-import uvicorn
 from fastapi import FastAPI
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -29,7 +27,7 @@ from serve.http_edge import (
     unavailable,
 )
 from serve.schemas import WRITE_TOKEN_ENV
-from serve.testing import free_port
+from serve.testing import uvicorn_in_thread
 from vitbirds import errors
 
 
@@ -112,15 +110,8 @@ def edge_url() -> Iterator[str]:
     async def upload(request: Request) -> dict:
         return {"size": len(await read_upload(request, LIMIT))}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(api) as url:
+        yield url
 
 
 @pytest.mark.parametrize("size", [11_000_000, 100_000_000])

@@ -96,7 +96,7 @@ def guarded_url() -> Iterator[str]:
     """An upload route behind `Access`, as the Ingress guards /predict, on a real server."""
     api = FastAPI()
     add_error_handlers(api)
-    access = Access(ApiKeys([KEY]), RateLimiter(rate_per_s=0.01, burst=2))
+    access = Access(ApiKeys([KEY]), RateLimiter(rate_per_s=0.001, burst=2))
 
     @api.post("/upload")
     async def upload(request: Request) -> dict:

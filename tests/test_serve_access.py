@@ -26,7 +26,7 @@ def url(ray_session, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) 
     settings = ServeSettings(
         model_dir=str(model_dir),
         prediction_log=str(work / "log.jsonl"),
-        api_rate_per_s=0.05,  # one request back every 20 s: the test never waits for it
+        api_rate_per_s=0.001,  # one request back every 1,000 s: none during the test
         api_burst=BURST,
     )
     keys = {"runtime_env": {"env_vars": {API_KEYS_ENV: f"{API_KEY},{PAGE_KEY}"}}}

@@ -5,6 +5,7 @@ token authentication on (a private head, see tests/ray_head.py).
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from ray_head import RAY, http_status, token_auth_head
 
+from vitbirds.inference.batch_files import read_output
 from vitbirds.model.files import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +97,25 @@ def test_a_submitted_job_trains_on_a_token_auth_cluster_and_exports_a_model(
     result = json.loads(summary.read_text())
     assert load_model(result["model_dir"]).metadata.synthetic
     assert result["tracking"] == {"kind": "none"} and result["epochs_run"] == [1]
+
+
+def test_a_submitted_batch_prediction_writes_its_table_under_vitbirds_home(
+    token_cluster, vitbirds_home, model_dir, cub_valid, tmp_path
+) -> None:
+    address, env = token_cluster
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(cub_valid.rglob("*.jpg"))[:6]:
+        shutil.copy(source, photos / f"{source.parent.name}-{source.name}")
+    submit = [
+        str(RAY), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+        sys.executable, "jobs/predict.py", "--model", str(model_dir), "--input", str(photos),
+        "--output", "predictions/photos.csv",
+    ]  # fmt: skip
+    output = _submit(submit, env)
+    assert "succeeded" in output.lower() and "6 rows in" in output
+    table = read_output(vitbirds_home / "predictions" / "photos.csv")
+    assert table.num_rows == 6 and table["error"].null_count == 6
 
 
 def test_the_cluster_refuses_requests_without_the_right_token(token_cluster) -> None:

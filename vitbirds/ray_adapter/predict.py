@@ -26,6 +26,7 @@ from vitbirds.data.images import DEFAULT_MAX_PIXELS
 from vitbirds.data.sandbox import DecodePool, SandboxConfig
 from vitbirds.errors import ImageDecodeError
 from vitbirds.inference.batch_files import (
+    SHARD_SIZE,
     OutputPlan,
     PhotoReader,
     ShardedOutput,
@@ -35,7 +36,7 @@ from vitbirds.inference.batch_files import (
 from vitbirds.inference.scoring import BatchPredictor, ImagePreprocessor
 from vitbirds.lifecycle.store import content_digest, fetch_model
 from vitbirds.model.files import ModelMetadata, load_model, read_metadata
-from vitbirds.precision import resolve_precision
+from vitbirds.precision import DEFAULT_PRECISION, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,12 @@ class PredictJob:
     # cores (their number bounds what they take); on a cluster 1 keeps them spread over nodes.
     decode_cpus: float = 1.0
     use_gpu: bool = False  # one GPU per ScorePhotos actor
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     embeddings: bool = False  # add each photo's CLS embedding (what drift checks compare)
-    shard_size: int = 4096
-    # Ray Data's object store budget for this run's blocks in flight. Bounded, the store reuses
-    # the same memory; unbounded, Ray Data may spread blocks over the whole store (30 % of RAM),
-    # whose pages stay resident once touched, so node memory would creep up with the photos.
+    shard_size: int = SHARD_SIZE
+    # Ray Data's object store budget for this run's blocks in flight (by default it may use the
+    # whole store, 30 % of RAM). Unbounded, a local node's peak memory grew 9-25 % from 42,000 to
+    # 84,000 photos; bounded, 4-10 % (jobs/bench_predict.py, README).
     max_in_flight_mb: int = 512
     overwrite: bool = False
     tracking_uri: str | None = None  # of a models:/ reference's registry

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import start_job
+from jobs.cli import OneLineErrorParser, positive_int, start_job
 from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.data.synthetic import load_mask
 from vitbirds.devices import DEVICE_CHOICES, resolve_device
@@ -45,17 +45,10 @@ from vitbirds.training.runner import data_label
 ATTENTION_FILE = "attention_check.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (no usage dump), still with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EvaluationConfig()
     description, _, epilog = __doc__.partition("\n\n")
-    parser = _Parser(
+    parser = OneLineErrorParser(
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="split to evaluate; all: every image of the dataset (default: test)")  # fmt: skip
     default_out = f"{RunSettings.storage_path}/evaluation/MODEL-SPLIT"
     add("--out", metavar="PATH", help=f"output folder (default: {default_out})")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
+    add("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N",
         help=f"images per forward pass (default: {defaults.batch_size})")  # fmt: skip
     add("--device", choices=DEVICE_CHOICES, default="auto",
         help="auto: cuda, then mps, then cpu (default: auto)")  # fmt: skip
@@ -89,13 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure rollout mass on the bird masks (synthetic data only)",
     )
     return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def load_split(

@@ -30,7 +30,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import start_job
+from jobs.cli import OneLineErrorParser, positive_int, start_job
 from vitbirds.errors import VitbirdsError
 from vitbirds.inference.batch_files import SHARD_SIZE
 from vitbirds.lifecycle.registry import registry_uri
@@ -38,20 +38,6 @@ from vitbirds.paths import output_path
 from vitbirds.ray_adapter.predict import PredictJob, predict
 from vitbirds.ray_adapter.train import cluster_is_local, connect
 from vitbirds.settings import RunSettings, add_arguments
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (no usage dump), still with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -64,7 +50,7 @@ def _non_negative_float(text: str) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = PredictJob(model="", input="", output="")
     description, _, epilog = __doc__.partition("\n\n")
-    parser = _Parser(
+    parser = OneLineErrorParser(
         description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
@@ -76,27 +62,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "prefix")  # fmt: skip
     add("--output", required=True, metavar="FILE",
         help="the table to write: .parquet, .csv or .jsonl")  # fmt: skip
-    add("--top-k", type=_positive_int, default=defaults.top_k, metavar="K",
+    add("--top-k", type=positive_int, default=defaults.top_k, metavar="K",
         help=f"labels and probabilities per photo (default: {defaults.top_k})")  # fmt: skip
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, metavar="N",
+    add("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N",
         help=f"photos per forward pass (default: {defaults.batch_size})")  # fmt: skip
-    add("--workers", type=_positive_int, metavar="N",
+    add("--workers", type=positive_int, metavar="N",
         help="model actors, one model each (default: one per CPU of this machine locally, 1 "
              "on a cluster)")  # fmt: skip
-    add("--cpus-per-worker", type=_positive_int, metavar="N",
+    add("--cpus-per-worker", type=positive_int, metavar="N",
         help="CPUs and torch threads of each model actor (default: 1)")  # fmt: skip
-    add("--decoders", type=_positive_int, metavar="N",
+    add("--decoders", type=positive_int, metavar="N",
         help="decode actors, one sandboxed decode process each (default: a quarter of the "
              "CPUs, at least 1)")  # fmt: skip
     add("--decode-cpus", type=_non_negative_float, metavar="X",
         help="CPUs each decode actor reserves (default: 0 locally, sharing the model actors' "
              "cores; 1 on a cluster)")  # fmt: skip
-    add("--max-in-flight-mb", type=_positive_int, default=defaults.max_in_flight_mb, metavar="MB",
+    add("--max-in-flight-mb", type=positive_int, default=defaults.max_in_flight_mb, metavar="MB",
         help="object store memory for blocks in flight; raise it for many GPU actors "
              f"(default: {defaults.max_in_flight_mb})")  # fmt: skip
     add("--use-gpu", action="store_true", help="one GPU per model actor")
     add("--embeddings", action="store_true", help="add each photo's CLS embedding (for drift)")
-    add("--shard-size", type=_positive_int, default=SHARD_SIZE, metavar="N",
+    add("--shard-size", type=positive_int, default=SHARD_SIZE, metavar="N",
         help="photos per output shard, the unit a resumed run skips "
              f"(default: {SHARD_SIZE})")  # fmt: skip
     add("--overwrite", action="store_true",

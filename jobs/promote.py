@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import start_job
+from jobs.cli import OneLineErrorParser, start_job
 from vitbirds.data.sources import SPLITS, DatasetSplits, Sample, discover_dataset, model_labels
 from vitbirds.devices import resolve_device
 from vitbirds.errors import DataError, VitbirdsError
@@ -50,13 +50,6 @@ from vitbirds.model.files import load_model, read_metadata
 PROMOTED, REFUSED, USAGE = 0, 3, 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line, with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(USAGE, f"error: {message} (see --help)\n")
-
-
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written (examples included); defaults shown where there is one."""
 
@@ -68,7 +61,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = GateConfig()
-    parser = _Parser(description=__doc__, formatter_class=_Help)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=_Help)
     add = parser.add_argument
     add("--data-dir", required=True, type=Path, help="labelled photos both models are scored on")
     add(
